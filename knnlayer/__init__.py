@@ -1,0 +1,16 @@
+"""knnlayer: the model-side half: memory backends and the KNN attention layer."""
+from memoryd.api import BankInfo, BankSpec, GetResult, MemoryBackend, SearchResult, Stats
+
+
+def __getattr__(name):  # lazy: importing the layer must not start gRPC or faiss
+    if name == "LocalMemory":
+        from memoryd.local import LocalMemory
+        return LocalMemory
+    if name == "MemoryClient":
+        from knnlayer.client import MemoryClient
+        return MemoryClient
+    raise AttributeError(name)
+
+
+__all__ = ["BankInfo", "BankSpec", "GetResult", "LocalMemory", "MemoryBackend",
+           "MemoryClient", "SearchResult", "Stats"]

@@ -1,0 +1,178 @@
+"""The backend interface: what every memory backend offers, and its types.
+
+`LocalMemory` (in-process) and `MemoryClient` (gRPC) implement
+`MemoryBackend`; the gRPC service, memctl and the attention layer only talk
+to this interface, so a sharded multi-node backend can plug in later. Nothing
+here knows about a transport.
+
+Search semantics (all backends):
+  * every named bank is searched, and one top-k is kept over their union;
+  * scores are squared L2 distances (metric l2, best = smallest) or inner
+    products (metric ip, best = largest), best first; all banks of one
+    search must share dim and metric;
+  * where fewer than k items exist, ids are -1, `bank` is -1, scores are
+    +inf (l2) / -inf (ip), values and keys are zeros, and `mask` is False;
+  * `bank[i, j]` is the position in `banks` of the bank that holds
+    `ids[i, j]`: ids are unique within a bank, not across banks.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from memoryd.arrays import VALUE_DTYPES
+from memoryd.errors import InvalidArgument
+
+KINDS = ("base", "domain", "session")
+METRICS = ("l2", "ip")
+MAX_K = 4096          # largest k one search may ask for
+MAX_SHARDS = 64
+BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    """What a bank is; fixed at creation (only the quota changes later)."""
+
+    name: str
+    dim: int
+    value_dim: int = 0                 # 0: the bank holds keys only
+    kind: str = "domain"
+    value_dtype: str = "float32"
+    metric: str = "l2"
+    index: str = "Flat"                # a faiss index_factory spec
+    shards: int = 1
+    quota_bytes: int | None = None     # None: unlimited
+    tenant: str = "default"
+
+    def validated(self) -> "BankSpec":
+        """Self, or InvalidArgument naming the first bad field."""
+        if not isinstance(self.name, str) or not BANK_NAME.match(self.name):
+            raise InvalidArgument(
+                f"bad bank name {self.name!r}: use 1-64 letters, digits, '_', '-', '.', "
+                "starting with a letter or digit")
+        if not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
+            raise InvalidArgument(f"dim must be an integer in 1..65536; got {self.dim!r}")
+        if not isinstance(self.value_dim, int) or not 0 <= self.value_dim <= 65536:
+            raise InvalidArgument(f"value_dim must be an integer in 0..65536; got {self.value_dim!r}")
+        if self.kind not in KINDS:
+            raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.metric not in METRICS:
+            raise InvalidArgument(f"metric must be one of {', '.join(METRICS)}; got {self.metric!r}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise InvalidArgument(
+                f"value dtype must be one of {', '.join(VALUE_DTYPES)}; got {self.value_dtype!r}")
+        if not isinstance(self.shards, int) or not 1 <= self.shards <= MAX_SHARDS:
+            raise InvalidArgument(f"shards must be in 1..{MAX_SHARDS}; got {self.shards!r}")
+        if self.quota_bytes is not None and self.quota_bytes < 0:
+            raise InvalidArgument(f"quota must not be negative; got {self.quota_bytes}")
+        if not self.index or not isinstance(self.index, str):
+            raise InvalidArgument("index spec must be a non-empty faiss index_factory string")
+        if not self.tenant or not BANK_NAME.match(self.tenant):
+            raise InvalidArgument(f"bad tenant name {self.tenant!r}")
+        return self
+
+    def with_(self, **changes: Any) -> "BankSpec":
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class BankInfo:
+    spec: BankSpec
+    count: int = 0
+    used_bytes: int = 0
+    frozen: bool = False
+    trained: bool = False
+    checksum: str = ""
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("spec"))
+        return d
+
+
+@dataclass
+class SearchResult:
+    ids: np.ndarray                    # (nq, k) int64, -1 where missing
+    scores: np.ndarray                 # (nq, k) float32, best first
+    bank: np.ndarray                   # (nq, k) int32, index into the banks searched
+    values: np.ndarray | None = None   # (nq, k, value_dim), zeros where missing
+    keys: np.ndarray | None = None     # (nq, k, dim) float32, zeros where missing
+
+    @property
+    def mask(self) -> np.ndarray:      # (nq, k) bool, True where a result exists
+        return self.ids >= 0
+
+
+@dataclass
+class GetResult:
+    found: np.ndarray                  # (n,) bool
+    values: np.ndarray | None = None   # (n, value_dim), zeros where not found
+    keys: np.ndarray | None = None     # (n, dim) float32, zeros where not found
+
+
+@dataclass
+class Stats:
+    version: str
+    data_dir: str
+    catalog_url: str
+    uptime_s: float
+    banks: list[BankInfo] = field(default_factory=list)
+    used_bytes: int = 0
+    num_gpus: int = 0
+
+
+@dataclass
+class ExportChunk:
+    ids: np.ndarray                    # (n,) int64
+    keys: np.ndarray                   # (n, dim) float32
+    values: np.ndarray | None          # (n, value_dim) or None for key-only banks
+
+
+@runtime_checkable
+class MemoryBackend(Protocol):
+    """The operations every backend offers (in-process, gRPC, sharded later)."""
+
+    def create_bank(self, spec: BankSpec) -> BankInfo: ...
+    def bank_info(self, name: str) -> BankInfo: ...
+    def list_banks(self, tenant: str | None = None) -> list[BankInfo]: ...
+    def delete_bank(self, name: str) -> int: ...             # returns released bytes
+    def freeze_bank(self, name: str) -> BankInfo: ...
+    def set_quota(self, name: str, quota_bytes: int | None) -> BankInfo: ...
+
+    def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None) -> np.ndarray: ...
+    def search(self, banks: str | Sequence[str], queries: Any, k: int,
+               values: bool = True, keys: bool = False) -> SearchResult: ...
+    def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult: ...
+    def update_values(self, bank: str, ids: Any, values: Any) -> int: ...
+    def remove(self, bank: str, ids: Any) -> int: ...
+    def export(self, bank: str, chunk_rows: int = 65536) -> Iterator[ExportChunk]: ...
+    def stats(self) -> Stats: ...
+    def close(self) -> None: ...
+
+
+def bank_list(banks: str | Sequence[str]) -> list[str]:
+    """Normalise the banks argument of search: one name or several, no repeats."""
+    names = [banks] if isinstance(banks, str) else list(banks)
+    if not names:
+        raise InvalidArgument("search needs at least one bank")
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"a bank is named twice in one search: {names}")
+    return names
+
+
+def check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise InvalidArgument(f"k must be an integer; got {k!r}")
+    if not 1 <= int(k) <= MAX_K:
+        raise InvalidArgument(f"k must be in 1..{MAX_K}; got {k}")
+    return int(k)

@@ -1,0 +1,75 @@
+"""Domain errors of the memory backend, each carrying its gRPC status name.
+
+The backend raises these; the gRPC service maps them to status codes in one
+place (memoryd.service) and MemoryClient maps status codes back to the same
+classes, so callers see the same exception from every backend. The module is
+transport-free: codes are the names of grpc.StatusCode members.
+"""
+from __future__ import annotations
+
+
+class MemoryError(Exception):  # noqa: A001 - deliberately our own name space
+    """Base of every error the memory backend raises on purpose."""
+
+    code = "INTERNAL"
+
+
+class InvalidArgument(MemoryError, ValueError):
+    """The request itself is wrong: shapes, dtypes, NaN, k, names."""
+
+    code = "INVALID_ARGUMENT"
+
+
+class NotFound(MemoryError, KeyError):
+    code = "NOT_FOUND"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class AlreadyExists(MemoryError):
+    code = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(MemoryError):
+    """The request is well formed but the bank's state refuses it."""
+
+    code = "FAILED_PRECONDITION"
+
+
+class BankFrozen(FailedPrecondition):
+    pass
+
+
+class NeedsTraining(FailedPrecondition):
+    pass
+
+
+class QuotaExceeded(MemoryError):
+    """A write would take a bank's usage above its quota."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, bank: str, used: int, limit: int, requested: int):
+        self.bank, self.used, self.limit, self.requested = bank, used, limit, requested
+        from memoryd.sizes import format_size
+
+        super().__init__(
+            f"quota exceeded for bank '{bank}': used {format_size(used)} "
+            f"({used} B) + requested {format_size(requested)} ({requested} B) "
+            f"> limit {format_size(limit)} ({limit} B)"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.bank, self.used, self.limit, self.requested))
+
+
+class Unavailable(MemoryError):
+    code = "UNAVAILABLE"
+
+
+BY_CODE: dict[str, type[MemoryError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
+                QuotaExceeded, Unavailable, MemoryError)
+}
