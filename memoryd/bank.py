@@ -1,0 +1,300 @@
+"""A memory bank: N shards, each a FAISS index over explicit 64-bit ids plus
+the rows (ids, keys, values) that the index was built from.
+
+Ids are routed to shard `id % shards`, so any id finds its shard without a
+lookup table. Ids are assigned by the bank (monotonic, never reused, even
+after removals) unless the caller brings its own. Keys are kept beside the
+index so that search can return exact key vectors (for gradients), export
+can dump the bank, and the index can always be rebuilt.
+
+Concurrency: one writer-preferring readers/writer lock per bank. Searches
+share it; writes take it alone. Callers (memoryd.local) hold it around a
+whole request, including the quota reservation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+
+from memoryd import faiss_index as fx
+from memoryd.api import BankSpec, ExportChunk
+from memoryd.arrays import value_dtype
+from memoryd.errors import InvalidArgument
+from memoryd.store import ShardStore, atomic_write_json
+
+META = "bank.json"
+TEMPLATE = "trained.faiss"
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer holds back new readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Shard:
+    def __init__(self, path: Path, spec: BankSpec, template: "faiss.Index"):
+        self.store = ShardStore(path, spec.dim, spec.value_dim, value_dtype(spec.value_dtype))
+        self.index = fx.empty_like(template)
+
+    def create(self) -> None:
+        self.store.create()
+
+    def load(self, spec: BankSpec) -> None:
+        """Rows from disk, index from its snapshot plus a replay of newer rows."""
+        self.store.load()
+        path, covered = self.store.index_file(), self.store.state["index_rows"]
+        if path.exists() and covered <= self.store.rows:
+            self.index = fx.configure(faiss.read_index(str(path)), spec.index)
+        else:
+            covered = 0
+        if covered < self.store.rows:
+            self.index.add_with_ids(self.store.keys.data[covered:], self.store.ids.data[covered:])
+
+    def add(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None) -> None:
+        self.store.append(ids, keys, values)     # acknowledged on disk first
+        self.index.add_with_ids(keys, ids)
+
+    def remove(self, ids: np.ndarray) -> int:
+        _, found = self.store.lookup(ids)
+        gone = ids[found]
+        if not len(gone):
+            return 0
+        keep = ~np.isin(self.store.ids.data, gone)
+        if fx.supports_remove(self.index):
+            self.index.remove_ids(gone)
+        else:  # HNSW cannot delete: rebuild this shard's graph from what stays
+            rebuilt = fx.empty_like(self.index)
+            rebuilt.add_with_ids(self.store.keys.data[keep], self.store.ids.data[keep])
+            self.index = rebuilt
+        self.store.rewrite(keep, lambda p: _write_index(self.index, p))
+        return int(len(gone))
+
+    def checkpoint(self) -> None:
+        """Snapshot the index so the next open need not replay rows."""
+        if self.store.state["index_rows"] != self.store.rows or not self.store.index_file().exists():
+            _write_index(self.index, self.store.index_file())
+            self.store.save_state(index_rows=self.store.rows)
+
+
+def _write_index(index: "faiss.Index", path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(path)
+
+
+class Bank:
+    def __init__(self, path: Path, spec: BankSpec):
+        self.path, self.spec = Path(path), spec
+        self.lock = RWLock()
+        self.next_id = 0
+        self.template = fx.build(spec.dim, spec.index, spec.metric)
+        self.shards: list[Shard] = []
+
+    # ---- life cycle -----------------------------------------------------------
+    def create(self) -> "Bank":
+        self.path.mkdir(parents=True, exist_ok=False)
+        self.shards = [Shard(self._shard_path(i), self.spec, self.template)
+                       for i in range(self.spec.shards)]
+        for s in self.shards:
+            s.create()
+        self._save_meta()
+        return self
+
+    def open(self) -> "Bank":
+        meta = json.loads((self.path / META).read_text())
+        self.next_id = int(meta["next_id"])
+        if (self.path / TEMPLATE).exists():
+            self.template = fx.configure(faiss.read_index(str(self.path / TEMPLATE)), self.spec.index)
+        self.shards = [Shard(self._shard_path(i), self.spec, self.template)
+                       for i in range(self.spec.shards)]
+        for s in self.shards:
+            s.load(self.spec)
+        # ids written by an add whose meta update was torn must never be reused
+        self.next_id = max([self.next_id] + [int(s.store.ids.data.max()) + 1
+                                             for s in self.shards if s.store.rows])
+        return self
+
+    def _shard_path(self, i: int) -> Path:
+        return self.path / f"shard-{i:03d}"
+
+    def _save_meta(self) -> None:
+        atomic_write_json(self.path / META, {"next_id": self.next_id, "spec": self.spec.index})
+
+    def checkpoint(self) -> None:
+        for s in self.shards:
+            s.checkpoint()
+        self._save_meta()
+
+    def delete_files(self) -> None:
+        for s in self.shards:
+            s.store.delete_files()
+        for p in self.path.glob("*"):
+            p.unlink()
+        self.path.rmdir()
+
+    # ---- sizes ------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        return sum(s.store.rows for s in self.shards)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.template.is_trained)
+
+    def row_bytes(self, template: "faiss.Index | None" = None) -> int:
+        """Bytes one row costs: its id, key and value, and its index entry."""
+        t = template or self.template
+        vbytes = self.spec.value_dim * value_dtype(self.spec.value_dtype).itemsize
+        return 8 + 4 * self.spec.dim + vbytes + fx.bytes_per_vector(t, self.spec.dim)
+
+    def nbytes(self, rows: int | None = None, template: "faiss.Index | None" = None) -> int:
+        """What the bank holds (or would hold with `rows` rows and `template`)."""
+        t = template or self.template
+        rows = self.count if rows is None else rows
+        return self.spec.shards * fx.fixed_bytes(t) + rows * self.row_bytes(t)
+
+    # ---- writes (caller holds lock.write()) ---------------------------------------
+    def trained_template(self, keys: np.ndarray) -> "faiss.Index":
+        """The template after training on keys if it needs training (not installed)."""
+        if self.template.is_trained:
+            return self.template
+        t = fx.empty_like(self.template)
+        fx.train(t, keys, self.spec.index)
+        return t
+
+    def new_ids(self, n: int, ids: np.ndarray | None) -> np.ndarray:
+        if ids is None:
+            return np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        if len(ids) != n:
+            raise InvalidArgument(f"got {len(ids)} ids for {n} keys")
+        if (ids < 0).any():
+            raise InvalidArgument("ids must be >= 0 (-1 marks a missing result)")
+        if len(np.unique(ids)) != n:
+            raise InvalidArgument("ids repeat within the batch")
+        present = self.get_rows(ids)[1]
+        if present.any():
+            raise InvalidArgument(
+                f"{int(present.sum())} ids already exist in bank '{self.spec.name}', "
+                f"e.g. {int(ids[present][0])}")
+        return ids
+
+    def add(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None,
+            template: "faiss.Index") -> None:
+        if template is not self.template:  # first add trained the index
+            _write_index(template, self.path / TEMPLATE)
+            self.template = template
+            for s in self.shards:
+                s.index = fx.empty_like(template)
+        route = ids % self.spec.shards
+        for i, s in enumerate(self.shards):
+            sel = route == i if self.spec.shards > 1 else slice(None)
+            if self.spec.shards == 1 or sel.any():
+                s.add(ids[sel], keys[sel], values[sel] if values is not None else None)
+        self.next_id = max(self.next_id, int(ids.max()) + 1)
+        self._save_meta()
+
+    def update_values(self, ids: np.ndarray, values: np.ndarray) -> int:
+        shard_of, rows, found = self.get_rows(ids)
+        for i, s in enumerate(self.shards):
+            sel = found & (shard_of == i)
+            if sel.any():
+                s.store.update_values(rows[sel], values[sel])
+        return int(found.sum())
+
+    def remove(self, ids: np.ndarray) -> int:
+        route = ids % self.spec.shards
+        return sum(s.remove(ids[route == i]) for i, s in enumerate(self.shards))
+
+    def checksum(self) -> str:
+        """sha256 over every shard's rows: what a frozen bank promises to hold."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            for col in (s.store.ids, s.store.keys, s.store.values):
+                if col is not None:
+                    h.update(np.ascontiguousarray(col.data).tobytes())
+        return "sha256:" + h.hexdigest()
+
+    # ---- reads (caller holds lock.read()) -------------------------------------------
+    def search_shard(self, i: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.shards[i].index.search(queries, k)
+
+    def get_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(shard, row, found) for each id."""
+        shard_of = ids % self.spec.shards
+        rows = np.zeros(len(ids), np.int64)
+        found = np.zeros(len(ids), bool)
+        for i, s in enumerate(self.shards):
+            sel = shard_of == i
+            if sel.any():
+                rows[sel], found[sel] = s.store.lookup(ids[sel])
+        return shard_of, rows, found
+
+    def gather(self, ids: np.ndarray, *, keys: bool, values: bool, out_values_dtype=None):
+        """Keys/values for any-shaped ids (missing: -1 or unknown) -> zeros."""
+        flat = ids.reshape(-1)
+        shard_of, rows, found = self.get_rows(flat)
+        found &= flat >= 0
+        k_out = np.zeros((len(flat), self.spec.dim), np.float32) if keys else None
+        vdt = out_values_dtype or value_dtype(self.spec.value_dtype)
+        v_out = np.zeros((len(flat), self.spec.value_dim), vdt) if values else None
+        for i, s in enumerate(self.shards):
+            sel = found & (shard_of == i)
+            if not sel.any():
+                continue
+            if k_out is not None:
+                k_out[sel] = s.store.keys.data[rows[sel]]
+            if v_out is not None:
+                v_out[sel] = s.store.values.data[rows[sel]]
+        shape = ids.shape
+        return (found.reshape(shape),
+                None if k_out is None else k_out.reshape(*shape, self.spec.dim),
+                None if v_out is None else v_out.reshape(*shape, self.spec.value_dim))
+
+    def export_chunks(self, chunk_rows: int) -> Iterator[ExportChunk]:
+        for s in self.shards:
+            for start in range(0, s.store.rows, chunk_rows):
+                end = min(s.store.rows, start + chunk_rows)
+                vals = s.store.values.data[start:end].copy() if s.store.values is not None else None
+                yield ExportChunk(ids=s.store.ids.data[start:end].copy(),
+                                  keys=s.store.keys.data[start:end].copy(), values=vals)

@@ -1,0 +1,130 @@
+"""The daemon's configuration: one typed dataclass, parsed in one place.
+
+Precedence, lowest first: built-in defaults < TOML file (`--config PATH`)
+< environment (MEMORYD_DATA_DIR, MEMORYD_LISTEN, MEMORYD_CATALOG_URL,
+MEMORYD_LOG_LEVEL) < command-line flags.
+
+A TOML file holds the same keys as Config, at top level:
+
+    data_dir = "/var/lib/memoryd"        # relative paths: to the file's folder
+    listen = "unix:///run/memoryd/memoryd.sock"
+    catalog_url = "postgresql+psycopg://memoryd@db/memoryd"
+    max_workers = 16
+    log_level = "info"
+    grace_s = 20
+
+`listen` defaults to the unix socket `<data_dir>/memoryd.sock`; `catalog_url`
+defaults to None, which LocalMemory turns into `sqlite:///<data_dir>/catalog.db`.
+"""
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+ENV = {"data_dir": "MEMORYD_DATA_DIR", "listen": "MEMORYD_LISTEN",
+       "catalog_url": "MEMORYD_CATALOG_URL", "log_level": "MEMORYD_LOG_LEVEL"}
+SOCKET_NAME = "memoryd.sock"
+UNIX_PATH_MAX = 107          # sun_path is 108 bytes on Linux, with the NUL
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message says where and how."""
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    listen: str                       # "unix:///abs.sock", "unix:rel.sock" or "host:port"
+    catalog_url: str | None = None    # None: sqlite:///<data_dir>/catalog.db
+    max_workers: int = 16
+    log_level: str = "info"
+    grace_s: float = 20.0             # how long in-flight calls may finish on shutdown
+
+    @property
+    def socket_path(self) -> Path | None:
+        return socket_path(self.listen)
+
+
+def socket_path(listen: str) -> Path | None:
+    """The file of a unix socket address, None for TCP (and abstract sockets)."""
+    if listen.startswith("unix://"):
+        return Path(listen[len("unix://"):])
+    if listen.startswith("unix:"):
+        return Path(listen[len("unix:"):])
+    return None
+
+
+def load(config_file: str | Path | None = None, env: Mapping[str, str] | None = None,
+         **flags: Any) -> Config:
+    """Config from defaults < file < env < flags (flags that are None are unset)."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        raw.update(_read_toml(Path(config_file)))
+    raw.update({k: env[var] for k, var in ENV.items() if env.get(var)})
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    unknown = sorted(set(raw) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+    return _typed(raw)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    unknown = sorted(set(raw) - {f.name for f in fields(Config)})
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown key(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(f.name for f in fields(Config))}")
+    # A data dir written in a file is read relative to that file, not to
+    # wherever the daemon happens to be started from.
+    if isinstance(raw.get("data_dir"), str) and not Path(raw["data_dir"]).is_absolute():
+        raw["data_dir"] = str(path.resolve().parent / raw["data_dir"])
+    return raw
+
+
+def _typed(raw: dict[str, Any]) -> Config:
+    if not raw.get("data_dir"):
+        raise ConfigError("no data dir: pass --data-dir, set MEMORYD_DATA_DIR, "
+                          "or set data_dir in the config file")
+    data_dir = Path(str(raw["data_dir"])).expanduser().resolve()
+    listen = str(raw.get("listen") or f"unix://{data_dir / SOCKET_NAME}")
+    path = socket_path(listen)
+    if path is not None and len(os.fsencode(str(path))) > UNIX_PATH_MAX:
+        raise ConfigError(f"unix socket path {path} is {len(os.fsencode(str(path)))} bytes; "
+                          f"the limit is {UNIX_PATH_MAX}: use a shorter --listen path")
+    if path is None and ":" not in listen:
+        raise ConfigError(f"listen address {listen!r} must be 'unix:///path', 'unix:path' "
+                          "or 'host:port'")
+    log_level = str(raw.get("log_level", "info")).lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}; got {log_level!r}")
+    return Config(
+        data_dir=data_dir, listen=listen, catalog_url=raw.get("catalog_url") or None,
+        max_workers=_number(raw, "max_workers", 16, int, 1),
+        log_level=log_level, grace_s=_number(raw, "grace_s", 20.0, float, 0))
+
+
+def _number(raw: dict[str, Any], key: str, default, kind: type, minimum):
+    value = raw.get(key, default)
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        out = kind(value)
+        if kind is int and out != float(value):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a{'n integer' if kind is int else ' number'}; "
+                          f"got {value!r}") from None
+    if out < minimum:
+        raise ConfigError(f"{key} must be >= {minimum}; got {value!r}")
+    return out

@@ -1,0 +1,296 @@
+"""The gRPC service: thin handlers over a MemoryBackend.
+
+Every handler decodes the request (memoryd.wire), makes ONE backend call and
+encodes the reply; no FAISS and no SQL here. Errors are mapped to status
+codes in one place, `_rpc`:
+
+  * a domain error (memoryd.errors.MemoryError) aborts with its own status
+    code and message, plus a google.rpc.ErrorInfo whose `reason` names the
+    exact class (so MemoryClient can raise BankFrozen, not just
+    FailedPrecondition); QuotaExceeded also carries a QuotaFailure and the
+    used/limit/requested numbers in the ErrorInfo metadata;
+  * anything else is a bug: it is logged with its traceback and answered
+    INTERNAL, and the daemon keeps serving.
+
+Streams: Add and UpdateValues are client-streaming; their chunks are
+concatenated and applied with one backend call, so a write is all or
+nothing. Search, Get and Export are server-streaming; replies are cut into
+messages of about wire.CHUNK_BYTES.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import re
+import time
+from typing import Callable, Iterable, Iterator
+
+import grpc
+import numpy as np
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from memoryd import api, errors, wire
+from memoryd.errors import InvalidArgument
+from memoryd.v1 import memory_pb2 as pb
+from memoryd.v1 import memory_pb2_grpc as pb_grpc
+
+log = logging.getLogger("memoryd.rpc")
+
+ERROR_DOMAIN = "memoryd"
+
+
+def error_reason(cls: type) -> str:
+    """ErrorInfo.reason for an error class: 'BankFrozen' -> 'BANK_FROZEN'."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
+
+
+# ---- errors: the one place that maps exceptions to status codes ------------
+
+def _details_status(err: errors.MemoryError) -> status_pb2.Status:
+    """google.rpc.Status for a domain error: code, message and details."""
+    code = grpc.StatusCode[err.code]
+    metadata: dict[str, str] = {}
+    details: list[any_pb2.Any] = []
+    if isinstance(err, errors.QuotaExceeded):
+        metadata = {"bank": err.bank, "used": str(err.used), "limit": str(err.limit),
+                    "requested": str(err.requested)}
+        failure = error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=f"bank:{err.bank}",
+                description=f"used {err.used} B + requested {err.requested} B "
+                            f"> limit {err.limit} B")])
+        details.append(_pack(failure))
+    info = error_details_pb2.ErrorInfo(
+        reason=error_reason(type(err)), domain=ERROR_DOMAIN, metadata=metadata)
+    details.insert(0, _pack(info))
+    return status_pb2.Status(code=code.value[0], message=str(err), details=details)
+
+
+def _pack(msg) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    """Abort the call for exc; raises (grpc's abort always does)."""
+    if not context.is_active() or isinstance(exc, grpc.RpcError):
+        # The client cancelled or went away (a request stream raises RpcError
+        # then): nothing to answer and nothing broken on our side.
+        log.debug("rpc cancelled by the client", extra={"fields": {"method": method}})
+        context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")
+    if isinstance(exc, errors.MemoryError) and exc.code in grpc.StatusCode.__members__:
+        log.debug("rpc refused", extra={"fields": {
+            "method": method, "code": exc.code, "error": str(exc)}})
+        context.abort_with_status(rpc_status.to_status(_details_status(exc)))
+    log.error("rpc failed with an unexpected error", exc_info=exc,
+              extra={"fields": {"method": method, "error": f"{type(exc).__name__}: {exc}"}})
+    context.abort(grpc.StatusCode.INTERNAL,
+                  f"internal error in {method}: {type(exc).__name__}: {exc}")
+
+
+def _rpc(fn: Callable) -> Callable:
+    """Wrap a handler: map exceptions (also those raised mid-stream), log at debug."""
+    method = fn.__name__
+
+    def done(t0: float, code: str) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rpc", extra={"fields": {
+                "method": method, "code": code, "ms": round((time.perf_counter() - t0) * 1e3, 3)}})
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(self, request, context):
+            t0 = time.perf_counter()
+            try:
+                yield from fn(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
+                _abort(context, method, exc)
+            done(t0, "OK")
+        return stream
+
+    @functools.wraps(fn)
+    def unary(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            reply = fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
+            _abort(context, method, exc)
+        done(t0, "OK")
+        return reply
+    return unary
+
+
+# ---- request helpers ---------------------------------------------------------
+
+def _required(msg, field: str, what: str) -> np.ndarray:
+    if not msg.HasField(field):
+        raise InvalidArgument(f"{what} missing from the request")
+    return wire.decode(getattr(msg, field), what)
+
+
+def _concat(parts: list[np.ndarray], what: str) -> np.ndarray:
+    """Rows of all chunks as one array; chunks must agree on dtype and row shape."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    for i, p in enumerate(parts[1:], 1):
+        if p.ndim == 0 or first.ndim == 0 or p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
+            raise InvalidArgument(
+                f"{what}: chunk {i} has {p.dtype.name} {p.shape}, but chunk 0 has "
+                f"{first.dtype.name} {first.shape}; chunks must agree on dtype and row shape")
+    return np.concatenate(parts)
+
+
+def _collect(requests: Iterable, rpc: str, required: tuple[str, ...],
+             optional: tuple[str, ...]) -> tuple[str, dict[str, np.ndarray | None]]:
+    """Read a client stream: (bank, {field: concatenated rows or None})."""
+    bank = None
+    parts: dict[str, list[np.ndarray]] = {f: [] for f in required + optional}
+    n = 0
+    for n, msg in enumerate(requests, 1):
+        if bank is None:
+            if not msg.bank:
+                raise InvalidArgument(f"{rpc}: the first message must name the bank")
+            bank = msg.bank
+        elif msg.bank and msg.bank != bank:
+            raise InvalidArgument(
+                f"{rpc}: message {n - 1} names bank '{msg.bank}' but the stream "
+                f"is for bank '{bank}'")
+        for f in required:
+            parts[f].append(_required(msg, f, f"{f} (message {n - 1})"))
+        for f in optional:
+            if msg.HasField(f):
+                parts[f].append(wire.decode(getattr(msg, f), f"{f} (message {n - 1})"))
+    if bank is None:
+        raise InvalidArgument(f"{rpc}: empty request stream; send at least one message")
+    out: dict[str, np.ndarray | None] = {}
+    for f, chunks in parts.items():
+        if chunks and len(chunks) != n:
+            raise InvalidArgument(
+                f"{rpc}: {f} present in {len(chunks)} of {n} messages; "
+                "send it in every message or in none")
+        out[f] = _concat(chunks, f) if chunks else None
+    return bank, out
+
+
+def _row_bytes(*arrays: np.ndarray | None) -> int:
+    """Bytes of one leading-axis row over several arrays."""
+    return sum(a[:1].nbytes if len(a) else 0 for a in arrays if a is not None)
+
+
+def _maybe(a: np.ndarray | None, s: slice) -> pb.Tensor | None:
+    return None if a is None else wire.encode(a[s])
+
+
+def stats_to_pb(s: api.Stats) -> pb.StatsResponse:
+    return pb.StatsResponse(
+        version=s.version, data_dir=str(s.data_dir), catalog_url=s.catalog_url,
+        uptime_s=s.uptime_s, banks=[wire.info_to_pb(b) for b in s.banks],
+        used_bytes=s.used_bytes, num_gpus=s.num_gpus)
+
+
+def stats_from_pb(m: pb.StatsResponse) -> api.Stats:
+    return api.Stats(
+        version=m.version, data_dir=m.data_dir, catalog_url=m.catalog_url,
+        uptime_s=m.uptime_s, banks=[wire.info_from_pb(b) for b in m.banks],
+        used_bytes=m.used_bytes, num_gpus=m.num_gpus)
+
+
+# ---- the service ---------------------------------------------------------------
+
+class MemoryServicer(pb_grpc.MemoryServicer):
+    """memoryd.v1.Memory over any MemoryBackend."""
+
+    def __init__(self, backend: api.MemoryBackend):
+        self.backend = backend
+
+    # banks
+    @_rpc
+    def CreateBank(self, request, context):
+        return wire.info_to_pb(self.backend.create_bank(wire.spec_from_pb(request.spec)))
+
+    @_rpc
+    def GetBank(self, request, context):
+        return wire.info_to_pb(self.backend.bank_info(request.name))
+
+    @_rpc
+    def ListBanks(self, request, context):
+        banks = self.backend.list_banks(request.tenant or None)
+        return pb.ListBanksResponse(banks=[wire.info_to_pb(b) for b in banks])
+
+    @_rpc
+    def DeleteBank(self, request, context):
+        return pb.DeleteBankResponse(released_bytes=self.backend.delete_bank(request.name))
+
+    @_rpc
+    def FreezeBank(self, request, context):
+        return wire.info_to_pb(self.backend.freeze_bank(request.name))
+
+    @_rpc
+    def SetQuota(self, request, context):
+        info = self.backend.set_quota(request.name, wire.quota_from_pb(request.quota_bytes))
+        return wire.info_to_pb(info)
+
+    # data
+    @_rpc
+    def Add(self, request_iterator, context):
+        bank, a = _collect(request_iterator, "Add", ("keys",), ("values", "ids"))
+        ids = self.backend.add(bank, a["keys"], a["values"], a["ids"])
+        return pb.AddResponse(ids=wire.encode(np.asarray(ids, dtype=np.int64)))
+
+    @_rpc
+    def UpdateValues(self, request_iterator, context):
+        bank, a = _collect(request_iterator, "UpdateValues", ("ids", "values"), ())
+        return pb.UpdateValuesResponse(
+            updated=self.backend.update_values(bank, a["ids"], a["values"]))
+
+    @_rpc
+    def Remove(self, request, context):
+        ids = _required(request, "ids", "ids")
+        return pb.RemoveResponse(removed=self.backend.remove(request.bank, ids))
+
+    @_rpc
+    def Search(self, request, context) -> Iterator[pb.SearchResponse]:
+        queries = _required(request, "queries", "queries")
+        r = self.backend.search(list(request.banks), queries, request.k,
+                                values=request.values, keys=request.keys)
+        rows = _row_bytes(r.ids, r.scores, r.bank, r.values, r.keys)
+        for s in wire.chunk_slices(len(r.ids), rows):
+            yield pb.SearchResponse(
+                offset=s.start, ids=wire.encode(r.ids[s]), scores=wire.encode(r.scores[s]),
+                bank=wire.encode(r.bank[s]), values=_maybe(r.values, s), keys=_maybe(r.keys, s))
+
+    @_rpc
+    def Get(self, request, context) -> Iterator[pb.GetResponse]:
+        ids = _required(request, "ids", "ids")
+        r = self.backend.get(request.bank, ids, values=request.values, keys=request.keys)
+        found = np.asarray(r.found).astype(np.int32)
+        for s in wire.chunk_slices(len(found), _row_bytes(found, r.values, r.keys)):
+            yield pb.GetResponse(offset=s.start, found=wire.encode(found[s]),
+                                 values=_maybe(r.values, s), keys=_maybe(r.keys, s))
+
+    @_rpc
+    def Export(self, request, context) -> Iterator[pb.ExportChunk]:
+        if request.chunk_rows < 0:
+            raise InvalidArgument(f"chunk_rows must be >= 0; got {request.chunk_rows}")
+        chunks = (self.backend.export(request.bank, request.chunk_rows) if request.chunk_rows
+                  else self.backend.export(request.bank))
+        for c in chunks:
+            # A backend chunk may be far above CHUNK_BYTES: re-cut it.
+            for s in wire.chunk_slices(len(c.ids), _row_bytes(c.ids, c.keys, c.values)):
+                if s.stop > s.start:
+                    yield pb.ExportChunk(ids=wire.encode(c.ids[s]), keys=wire.encode(c.keys[s]),
+                                         values=_maybe(c.values, s))
+
+    # daemon
+    @_rpc
+    def Stats(self, request, context):
+        return stats_to_pb(self.backend.stats())
+
+    @_rpc
+    def Ping(self, request, context):
+        return pb.PingResponse(payload=request.payload)
