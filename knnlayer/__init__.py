@@ -6,11 +6,14 @@ def __getattr__(name):  # lazy: importing the layer must not start gRPC or faiss
     if name == "LocalMemory":
         from memoryd.local import LocalMemory
         return LocalMemory
+    if name in ("KNNAttention", "KNNAttentionConfig"):
+        from knnlayer import attention
+        return getattr(attention, name)
     if name == "MemoryClient":
         from knnlayer.client import MemoryClient
         return MemoryClient
     raise AttributeError(name)
 
 
-__all__ = ["BankInfo", "BankSpec", "GetResult", "LocalMemory", "MemoryBackend",
+__all__ = ["BankInfo", "KNNAttention", "KNNAttentionConfig", "BankSpec", "GetResult", "LocalMemory", "MemoryBackend",
            "MemoryClient", "SearchResult", "Stats"]

@@ -12,6 +12,8 @@ Search semantics (all backends):
     search must share dim and metric;
   * where fewer than k items exist, ids are -1, `bank` is -1, scores are
     +inf (l2) / -inf (ip), values and keys are zeros, and `mask` is False;
+  * values come back when asked for and some bank holds them (None if no
+    bank does); results from a key-only bank carry zero values;
   * `bank[i, j]` is the position in `banks` of the bank that holds
     `ids[i, j]`: ids are unique within a bank, not across banks.
 """

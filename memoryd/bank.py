@@ -257,7 +257,11 @@ class Bank:
 
     # ---- reads (caller holds lock.read()) -------------------------------------------
     def search_shard(self, i: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.shards[i].index.search(queries, k)
+        index = self.shards[i].index
+        if index.ntotal == 0:  # also spares an untrained IVF from FAISS's error
+            nq = len(queries)
+            return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
+        return index.search(queries, k)
 
     def get_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, row, found) for each id."""

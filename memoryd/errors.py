@@ -7,6 +7,11 @@ transport-free: codes are the names of grpc.StatusCode members.
 """
 from __future__ import annotations
 
+import re
+
+# google.rpc.ErrorInfo.domain of every error the daemon sends
+ERROR_DOMAIN = "memoryd"
+
 
 class MemoryError(Exception):  # noqa: A001 - deliberately our own name space
     """Base of every error the memory backend raises on purpose."""
@@ -73,3 +78,14 @@ BY_CODE: dict[str, type[MemoryError]] = {
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
                 QuotaExceeded, Unavailable, MemoryError)
 }
+
+
+def reason(cls: type) -> str:
+    """google.rpc.ErrorInfo.reason for an error class: BankFrozen -> BANK_FROZEN."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
+
+
+# The classes a reason may name; a client never instantiates anything else.
+BY_REASON: dict[str, type[MemoryError]] = {reason(c): c for c in (
+    InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, BankFrozen,
+    NeedsTraining, QuotaExceeded, Unavailable)}

@@ -94,7 +94,7 @@ class LocalMemory:
         with self._admin:
             storage = f"{spec.name}-{uuid.uuid4().hex[:12]}"
             bank = Bank(self._bank_path(storage), spec)   # InvalidArgument on a bad spec
-            info = self.catalog.create_bank(spec, storage)  # AlreadyExists
+            self.catalog.create_bank(spec, storage)         # AlreadyExists
             try:
                 bank.create()
             except BaseException:
@@ -103,7 +103,7 @@ class LocalMemory:
             self._banks[spec.name] = bank
             self.catalog.reconcile(spec.name, bank.nbytes(), 0)
             self.catalog.update_bank(spec.name, trained=bank.trained)
-        return self.bank_info(spec.name) if info else info
+        return self.bank_info(spec.name)
 
     def bank_info(self, name: str) -> BankInfo:
         return self.catalog.bank(name)
@@ -208,6 +208,7 @@ class LocalMemory:
                     f"banks of one search must share dim and metric: '{first.name}' is "
                     f"{first.dim}-d {first.metric}, '{b.spec.name}' is {b.spec.dim}-d {b.spec.metric}")
         vdt = _common_values(chosen) if values else None
+        values = vdt is not None
         q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
         with ExitStack() as stack:
             for b in sorted(chosen, key=lambda b: b.spec.name):
@@ -223,16 +224,18 @@ class LocalMemory:
             parts = list(self._pool.map(lambda j: chosen[j[0]].search_shard(j[1], q, k), jobs))
         dist, ids, src = merge_topk(parts, [bi for bi, _ in jobs], k, metric)
         nq = len(q)
-        out_v = np.zeros((nq, k, chosen[0].spec.value_dim), vdt) if values else None
+        value_dim = max(b.spec.value_dim for b in chosen)
+        out_v = np.zeros((nq, k, value_dim), vdt) if values else None
         out_k = np.zeros((nq, k, chosen[0].spec.dim), np.float32) if keys else None
         for bi, b in enumerate(chosen):
             sel = src == bi
             if not sel.any():
                 continue
-            _, kk, vv = b.gather(ids[sel], keys=keys, values=values, out_values_dtype=vdt)
+            _, kk, vv = b.gather(ids[sel], keys=keys, values=values and b.spec.value_dim > 0,
+                                 out_values_dtype=vdt)
             if keys:
                 out_k[sel] = kk
-            if values:
+            if vv is not None:
                 out_v[sel] = vv
         return SearchResult(ids=ids, scores=dist, bank=src, values=out_v, keys=out_k)
 
@@ -267,15 +270,20 @@ class LocalMemory:
                      num_gpus=fx.num_gpus())
 
 
-def _common_values(chosen: list[Bank]) -> np.dtype:
-    """Value dtype of a merged result: the banks' own if shared, else float32."""
-    for b in chosen:
-        if b.spec.value_dim == 0:
-            raise InvalidArgument(f"bank '{b.spec.name}' holds keys only: search it with values=False")
-    dims = {b.spec.value_dim for b in chosen}
+def _common_values(chosen: list[Bank]) -> np.dtype | None:
+    """Value dtype of a merged result: the banks' own if shared, else float32.
+
+    None when no bank holds values. Results from a key-only bank searched
+    together with value banks get zero values (the layer pairs such a bank
+    with a trainable value table of its own).
+    """
+    with_values = [b for b in chosen if b.spec.value_dim]
+    if not with_values:
+        return None
+    dims = {b.spec.value_dim for b in with_values}
     if len(dims) > 1:
         raise InvalidArgument(f"banks of one search with values must share value_dim; got {sorted(dims)}")
-    dtypes = {b.spec.value_dtype for b in chosen}
+    dtypes = {b.spec.value_dtype for b in with_values}
     return value_dtype(dtypes.pop()) if len(dtypes) == 1 else np.dtype(np.float32)
 
 

@@ -22,14 +22,13 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import re
 import time
 from typing import Callable, Iterable, Iterator
 
 import grpc
 import numpy as np
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from memoryd import api, errors, wire
@@ -38,14 +37,6 @@ from memoryd.v1 import memory_pb2 as pb
 from memoryd.v1 import memory_pb2_grpc as pb_grpc
 
 log = logging.getLogger("memoryd.rpc")
-
-ERROR_DOMAIN = "memoryd"
-
-
-def error_reason(cls: type) -> str:
-    """ErrorInfo.reason for an error class: 'BankFrozen' -> 'BANK_FROZEN'."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper()
-
 
 # ---- errors: the one place that maps exceptions to status codes ------------
 
@@ -64,7 +55,7 @@ def _details_status(err: errors.MemoryError) -> status_pb2.Status:
                             f"> limit {err.limit} B")])
         details.append(_pack(failure))
     info = error_details_pb2.ErrorInfo(
-        reason=error_reason(type(err)), domain=ERROR_DOMAIN, metadata=metadata)
+        reason=errors.reason(type(err)), domain=errors.ERROR_DOMAIN, metadata=metadata)
     details.insert(0, _pack(info))
     return status_pb2.Status(code=code.value[0], message=str(err), details=details)
 
@@ -75,16 +66,20 @@ def _pack(msg) -> any_pb2.Any:
     return a
 
 
-def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
-    """Abort the call for exc; raises (grpc's abort always does)."""
+def _code_name(context: grpc.ServicerContext, exc: BaseException) -> str:
+    """The status an exception is answered with."""
     if not context.is_active() or isinstance(exc, grpc.RpcError):
-        # The client cancelled or went away (a request stream raises RpcError
-        # then): nothing to answer and nothing broken on our side.
-        log.debug("rpc cancelled by the client", extra={"fields": {"method": method}})
-        context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")
+        return "CANCELLED"      # the client went away (its request stream raises RpcError)
     if isinstance(exc, errors.MemoryError) and exc.code in grpc.StatusCode.__members__:
-        log.debug("rpc refused", extra={"fields": {
-            "method": method, "code": exc.code, "error": str(exc)}})
+        return exc.code
+    return "INTERNAL"
+
+
+def _abort(context: grpc.ServicerContext, method: str, code: str, exc: BaseException) -> None:
+    """Abort the call for exc; raises (grpc's abort always does)."""
+    if code == "CANCELLED":
+        context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")
+    if code != "INTERNAL":
         context.abort_with_status(rpc_status.to_status(_details_status(exc)))
     log.error("rpc failed with an unexpected error", exc_info=exc,
               extra={"fields": {"method": method, "error": f"{type(exc).__name__}: {exc}"}})
@@ -96,10 +91,18 @@ def _rpc(fn: Callable) -> Callable:
     """Wrap a handler: map exceptions (also those raised mid-stream), log at debug."""
     method = fn.__name__
 
-    def done(t0: float, code: str) -> None:
+    def done(t0: float, code: str, exc: BaseException | None = None) -> None:
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("rpc", extra={"fields": {
-                "method": method, "code": code, "ms": round((time.perf_counter() - t0) * 1e3, 3)}})
+            fields = {"method": method, "code": code,
+                      "ms": round((time.perf_counter() - t0) * 1e3, 3)}
+            if exc is not None:
+                fields["error"] = str(exc)
+            log.debug("rpc", extra={"fields": fields})
+
+    def failed(t0: float, context, exc: Exception) -> None:
+        code = _code_name(context, exc)
+        done(t0, code, exc)
+        _abort(context, method, code, exc)
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -108,7 +111,7 @@ def _rpc(fn: Callable) -> Callable:
             try:
                 yield from fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
-                _abort(context, method, exc)
+                failed(t0, context, exc)
             done(t0, "OK")
         return stream
 
@@ -118,7 +121,7 @@ def _rpc(fn: Callable) -> Callable:
         try:
             reply = fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
-            _abort(context, method, exc)
+            failed(t0, context, exc)
         done(t0, "OK")
         return reply
     return unary
@@ -184,20 +187,6 @@ def _row_bytes(*arrays: np.ndarray | None) -> int:
 
 def _maybe(a: np.ndarray | None, s: slice) -> pb.Tensor | None:
     return None if a is None else wire.encode(a[s])
-
-
-def stats_to_pb(s: api.Stats) -> pb.StatsResponse:
-    return pb.StatsResponse(
-        version=s.version, data_dir=str(s.data_dir), catalog_url=s.catalog_url,
-        uptime_s=s.uptime_s, banks=[wire.info_to_pb(b) for b in s.banks],
-        used_bytes=s.used_bytes, num_gpus=s.num_gpus)
-
-
-def stats_from_pb(m: pb.StatsResponse) -> api.Stats:
-    return api.Stats(
-        version=m.version, data_dir=m.data_dir, catalog_url=m.catalog_url,
-        uptime_s=m.uptime_s, banks=[wire.info_from_pb(b) for b in m.banks],
-        used_bytes=m.used_bytes, num_gpus=m.num_gpus)
 
 
 # ---- the service ---------------------------------------------------------------
@@ -275,8 +264,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     @_rpc
     def Export(self, request, context) -> Iterator[pb.ExportChunk]:
-        if request.chunk_rows < 0:
-            raise InvalidArgument(f"chunk_rows must be >= 0; got {request.chunk_rows}")
+        # 0 means "server default"; the backend refuses a negative count.
         chunks = (self.backend.export(request.bank, request.chunk_rows) if request.chunk_rows
                   else self.backend.export(request.bank))
         for c in chunks:
@@ -289,7 +277,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
     # daemon
     @_rpc
     def Stats(self, request, context):
-        return stats_to_pb(self.backend.stats())
+        return wire.stats_to_pb(self.backend.stats())
 
     @_rpc
     def Ping(self, request, context):

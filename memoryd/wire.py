@@ -84,6 +84,7 @@ def chunk_slices(n: int, row_bytes: int) -> Iterator[slice]:
 # ---- bank messages ---------------------------------------------------------
 
 def spec_to_pb(s: api.BankSpec) -> pb.BankSpec:
+    s.validated()  # an unknown kind/metric/dtype or a negative quota cannot travel
     return pb.BankSpec(
         name=s.name, kind=_KIND.get(s.kind, pb.KIND_UNSPECIFIED), dim=s.dim,
         value_dim=s.value_dim, value_dtype=_DTYPE_NAME_TO_PB.get(s.value_dtype, 0),
@@ -121,8 +122,24 @@ def info_from_pb(m: pb.BankInfo) -> api.BankInfo:
 
 
 def quota_to_pb(q: int | None) -> int:
+    if q is not None and q < 0:
+        raise InvalidArgument(f"quota must not be negative; got {q}")
     return -1 if q is None else q
 
 
 def quota_from_pb(q: int) -> int | None:
     return None if q < 0 else q
+
+
+def stats_to_pb(s: api.Stats) -> pb.StatsResponse:
+    return pb.StatsResponse(
+        version=s.version, data_dir=str(s.data_dir), catalog_url=s.catalog_url,
+        uptime_s=s.uptime_s, banks=[info_to_pb(b) for b in s.banks],
+        used_bytes=s.used_bytes, num_gpus=s.num_gpus)
+
+
+def stats_from_pb(m: pb.StatsResponse) -> api.Stats:
+    return api.Stats(
+        version=m.version, data_dir=m.data_dir, catalog_url=m.catalog_url,
+        uptime_s=m.uptime_s, banks=[info_from_pb(b) for b in m.banks],
+        used_bytes=m.used_bytes, num_gpus=m.num_gpus)

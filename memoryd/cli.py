@@ -1,0 +1,104 @@
+"""`memoryd`: run the daemon, probe its health, print the version."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from memoryd import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """memoryd: the memory-bank daemon for attention models.
+
+    \b
+    Example:
+      memoryd serve --data-dir ./mem
+      memoryd health --address unix://$PWD/mem/memoryd.sock
+    """
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Folder for banks, catalog and socket. [env MEMORYD_DATA_DIR]")
+@click.option("--listen",
+              help="'unix:///abs/path.sock', 'unix:rel.sock' or 'host:port' "
+                   "(default: unix://<data-dir>/memoryd.sock). [env MEMORYD_LISTEN]")
+@click.option("--catalog-url",
+              help="SQLAlchemy URL of the catalog (default: sqlite:///<data-dir>/catalog.db). "
+                   "[env MEMORYD_CATALOG_URL]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML file with the same settings (flags and env override it).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Log level (default info; debug logs every RPC). [env MEMORYD_LOG_LEVEL]")
+@click.option("--max-workers", type=click.IntRange(min=1), help="RPC worker threads (default 16).")
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0),
+              help="Seconds in-flight calls may finish after SIGTERM (default 20).")
+def serve(config_file, **flags) -> None:
+    """Run the daemon in the foreground until SIGTERM or Ctrl-C.
+
+    Logs are JSON lines on stderr. Exit code 0 after a clean shutdown, 1 if
+    it cannot start (e.g. another memoryd already serves this data dir).
+
+    \b
+    Example:
+      memoryd serve --data-dir ./mem
+      memoryd serve --data-dir /var/lib/memoryd --listen 127.0.0.1:7070 --log-level debug
+      MEMORYD_DATA_DIR=/data memoryd serve --config /etc/memoryd.toml
+    """
+    from memoryd import config as cfg
+    from memoryd.server import serve as run
+
+    try:
+        conf = cfg.load(config_file, **flags)
+    except cfg.ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    sys.exit(run(conf))
+
+
+@main.command()
+@click.option("--address", required=True,
+              help="Daemon address: 'unix:///abs/path.sock' or 'host:port'.")
+@click.option("--service", default="", show_default=True,
+              help="Service to check ('' = the whole server, or memoryd.v1.Memory).")
+@click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds to wait for an answer.")
+def health(address: str, service: str, timeout: float) -> None:
+    """Exit 0 if the daemon reports SERVING, 1 otherwise (for HEALTHCHECK/probes).
+
+    \b
+    Example:
+      memoryd health --address 127.0.0.1:7070
+      memoryd health --address unix:///run/memoryd/memoryd.sock --service memoryd.v1.Memory
+    """
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from knnlayer.client import grpc_target
+
+    with grpc.insecure_channel(grpc_target(address)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        try:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        except grpc.RpcError as e:
+            click.echo(f"memoryd at {address}: {e.code().name}: {e.details()}", err=True)
+            sys.exit(1)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    click.echo(f"memoryd at {address}: {status}")
+    sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+
+
+@main.command()
+def version() -> None:
+    """Print the memoryd version.
+
+    \b
+    Example:
+      memoryd version
+    """
+    click.echo(f"memoryd {__version__}")
+
+
+if __name__ == "__main__":
+    main()

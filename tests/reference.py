@@ -1,0 +1,178 @@
+"""Exact brute-force references (numpy, float64) and synthetic data for the tests.
+
+Everything here is deterministic for a given seed, and independent of FAISS,
+so a test that compares a backend with these helpers checks the backend's
+search, merge and id bookkeeping against plain arithmetic.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+
+# ---- data --------------------------------------------------------------------
+
+def gaussian(n: int, dim: int, seed: int) -> np.ndarray:
+    """(n, dim) float32 standard normal rows."""
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def mixture(n: int, dim: int, seed: int, clusters: int = 48, spread: float = 0.05,
+            centers: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-mixture rows (low intrinsic dimension: what ANN indexes are for).
+
+    Returns (points, centers); pass `centers` back in to draw queries from the
+    same mixture.
+    """
+    rng = np.random.default_rng(seed)
+    if centers is None:
+        centers = rng.standard_normal((clusters, dim)).astype(np.float32)
+    which = rng.integers(0, len(centers), n)
+    pts = centers[which] + spread * rng.standard_normal((n, dim)).astype(np.float32)
+    return pts.astype(np.float32), centers
+
+
+def values_for(n: int, value_dim: int, seed: int, dtype: str = "float32") -> np.ndarray:
+    """Values as the bank will store them (already rounded to its dtype)."""
+    v = np.random.default_rng(seed).standard_normal((n, value_dim)).astype(np.float32)
+    return stored(v, dtype)
+
+
+def stored(v: np.ndarray, dtype: str) -> np.ndarray:
+    from memoryd.arrays import VALUE_DTYPES
+
+    return np.asarray(v, dtype=np.float32).astype(VALUE_DTYPES[dtype])
+
+
+def f32(a) -> np.ndarray:
+    """float32 copy of a numpy array of any float dtype (bf16 included)."""
+    a = np.asarray(a)
+    return a.astype(np.float32)
+
+
+# ---- exact search --------------------------------------------------------------
+
+def scores(keys: np.ndarray, queries: np.ndarray, metric: str) -> np.ndarray:
+    """(nq, n) float64: squared L2 distance (l2) or inner product (ip)."""
+    k = np.asarray(keys, dtype=np.float64)
+    q = np.asarray(queries, dtype=np.float64)
+    ip = q @ k.T
+    if metric == "ip":
+        return ip
+    return (q * q).sum(1)[:, None] + (k * k).sum(1)[None, :] - 2.0 * ip
+
+
+def empty_score(metric: str) -> float:
+    return np.inf if metric == "l2" else -np.inf
+
+
+def topk(keys: np.ndarray, queries: np.ndarray, k: int, metric: str
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, scores) of the exact top-k, best first; -1 / +-inf padding."""
+    res = topk_union([keys], queries, k, metric)
+    return res[1], res[2]
+
+
+def topk_union(key_sets: Sequence[np.ndarray], queries: np.ndarray, k: int, metric: str
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact top-k over the union of several key sets.
+
+    Returns (bank, position, score), each (nq, k): bank is the index into
+    key_sets (-1 where missing), position the row inside that set (-1 where
+    missing), score float64 (+inf for l2 / -inf for ip where missing).
+    """
+    nq = len(queries)
+    parts = [scores(ks, queries, metric) for ks in key_sets if len(ks)]
+    owners = [np.full(len(ks), b) for b, ks in enumerate(key_sets) if len(ks)]
+    rows = [np.arange(len(ks)) for ks in key_sets if len(ks)]
+    bank = np.full((nq, k), -1, dtype=np.int64)
+    pos = np.full((nq, k), -1, dtype=np.int64)
+    sc = np.full((nq, k), empty_score(metric), dtype=np.float64)
+    if not parts:
+        return bank, pos, sc
+    all_s = np.concatenate(parts, axis=1)
+    all_b = np.concatenate(owners)
+    all_r = np.concatenate(rows)
+    order = np.argsort(-all_s if metric == "ip" else all_s, axis=1, kind="stable")[:, :k]
+    m = order.shape[1]
+    bank[:, :m] = all_b[order]
+    pos[:, :m] = all_r[order]
+    sc[:, :m] = np.take_along_axis(all_s, order, axis=1)
+    return bank, pos, sc
+
+
+# ---- comparisons ---------------------------------------------------------------
+
+def score_tol(ref_scores: np.ndarray) -> float:
+    """Absolute tolerance for float32 scores next to float64 ones of this scale."""
+    finite = np.abs(ref_scores[np.isfinite(ref_scores)])
+    scale = float(finite.max()) if finite.size else 1.0
+    return 1e-4 * max(scale, 1.0)
+
+
+def assert_scores_close(got: np.ndarray, ref: np.ndarray, what: str = "scores") -> None:
+    got = np.asarray(got, dtype=np.float64)
+    assert got.shape == ref.shape, f"{what}: shape {got.shape} != {ref.shape}"
+    inf = ~np.isfinite(ref)
+    assert np.array_equal(got[inf], ref[inf]), f"{what}: padding differs from {ref[inf][:3]}"
+    np.testing.assert_allclose(got[~inf], ref[~inf], rtol=1e-4, atol=score_tol(ref),
+                               err_msg=what)
+
+
+def assert_same_hits(got_ids: np.ndarray, got_scores: np.ndarray, ref_ids: np.ndarray,
+                     ref_scores: np.ndarray, metric: str, *, got_bank=None, ref_bank=None,
+                     true_score=None) -> None:
+    """A backend's top-k equals the exact one, up to ties.
+
+    Scores must match the reference row by row (allclose). Per row the set of
+    hits must equal the reference set, except for hits whose score is within
+    tolerance of the row's k-th score (ties at the boundary may go either
+    way); those must still have the right score, checked through
+    `true_score(bank, id) -> float64 score` when given.
+    """
+    got_ids = np.asarray(got_ids)
+    assert got_ids.shape == ref_ids.shape, f"ids shape {got_ids.shape} != {ref_ids.shape}"
+    assert_scores_close(got_scores, ref_scores)
+    tol = score_tol(ref_scores) + 1e-4 * np.abs(ref_scores[np.isfinite(ref_scores)]).max(
+        initial=0.0)
+    gb = np.zeros_like(got_ids) if got_bank is None else np.asarray(got_bank)
+    rb = np.zeros_like(ref_ids) if ref_bank is None else np.asarray(ref_bank)
+    for i in range(len(ref_ids)):
+        valid = ref_ids[i] >= 0
+        assert np.array_equal(got_ids[i] >= 0, valid), (
+            f"row {i}: mask {got_ids[i] >= 0} != {valid}")
+        if not valid.any():
+            continue
+        kth = ref_scores[i][valid][-1]
+        safe = np.abs(ref_scores[i] - kth) > tol
+        want = {(int(b), int(x)) for b, x, s in zip(rb[i], ref_ids[i], safe) if x >= 0 and s}
+        have = {(int(b), int(x)) for b, x in zip(gb[i], got_ids[i]) if x >= 0}
+        missing = want - have
+        assert not missing, f"row {i}: exact hits {sorted(missing)} missing from {sorted(have)}"
+        assert len(have) == int(valid.sum()), f"row {i}: repeated hits {got_ids[i]}"
+        if true_score is not None:
+            for j, (b, x) in enumerate(zip(gb[i], got_ids[i])):
+                if x >= 0:
+                    ts = true_score(int(b), int(x), i)
+                    assert abs(ts - float(got_scores[i, j])) <= tol + 1e-4 * abs(ts), (
+                        f"row {i} hit {j} (bank {b}, id {x}): score {got_scores[i, j]} "
+                        f"but its key scores {ts}")
+
+
+def recall(got_ids: np.ndarray, ref_ids: np.ndarray) -> float:
+    """Mean fraction of the exact top-k ids found (per row, as sets)."""
+    hits = 0
+    total = 0
+    for g, r in zip(np.asarray(got_ids), np.asarray(ref_ids)):
+        want = set(int(x) for x in r if x >= 0)
+        hits += len(want & set(int(x) for x in g if x >= 0))
+        total += len(want)
+    return hits / max(total, 1)
+
