@@ -52,13 +52,13 @@ class BankSpec:
 
     def validated(self) -> "BankSpec":
         """Self, or InvalidArgument naming the first bad field."""
-        if not isinstance(self.name, str) or not BANK_NAME.match(self.name):
+        if not _name_ok(self.name):
             raise InvalidArgument(
                 f"bad bank name {self.name!r}: use 1-64 letters, digits, '_', '-', '.', "
                 "starting with a letter or digit")
-        if not isinstance(self.dim, int) or not 1 <= self.dim <= 65536:
+        if not _int_ok(self.dim) or not 1 <= self.dim <= 65536:
             raise InvalidArgument(f"dim must be an integer in 1..65536; got {self.dim!r}")
-        if not isinstance(self.value_dim, int) or not 0 <= self.value_dim <= 65536:
+        if not _int_ok(self.value_dim) or not 0 <= self.value_dim <= 65536:
             raise InvalidArgument(f"value_dim must be an integer in 0..65536; got {self.value_dim!r}")
         if self.kind not in KINDS:
             raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
@@ -67,18 +67,26 @@ class BankSpec:
         if self.value_dtype not in VALUE_DTYPES:
             raise InvalidArgument(
                 f"value dtype must be one of {', '.join(VALUE_DTYPES)}; got {self.value_dtype!r}")
-        if not isinstance(self.shards, int) or not 1 <= self.shards <= MAX_SHARDS:
+        if not _int_ok(self.shards) or not 1 <= self.shards <= MAX_SHARDS:
             raise InvalidArgument(f"shards must be in 1..{MAX_SHARDS}; got {self.shards!r}")
-        if self.quota_bytes is not None and self.quota_bytes < 0:
-            raise InvalidArgument(f"quota must not be negative; got {self.quota_bytes}")
-        if not self.index or not isinstance(self.index, str):
+        if self.quota_bytes is not None and (not _int_ok(self.quota_bytes) or self.quota_bytes < 0):
+            raise InvalidArgument(f"quota must be a non-negative number of bytes; got {self.quota_bytes!r}")
+        if not isinstance(self.index, str) or not self.index:
             raise InvalidArgument("index spec must be a non-empty faiss index_factory string")
-        if not self.tenant or not BANK_NAME.match(self.tenant):
+        if not _name_ok(self.tenant):
             raise InvalidArgument(f"bad tenant name {self.tenant!r}")
         return self
 
     def with_(self, **changes: Any) -> "BankSpec":
         return replace(self, **changes)
+
+
+def _name_ok(name: Any) -> bool:
+    return isinstance(name, str) and BANK_NAME.fullmatch(name) is not None
+
+
+def _int_ok(n: Any) -> bool:
+    return isinstance(n, (int, np.integer)) and not isinstance(n, bool)
 
 
 @dataclass(frozen=True)

@@ -83,4 +83,6 @@ def id_vector(x: Any, what: str = "ids", *, allow_empty=False) -> np.ndarray:
         raise InvalidArgument(f"{what} are empty: send at least one id")
     if a.size and a.dtype.kind not in "iu":
         raise InvalidArgument(f"{what} must be integers; got dtype {a.dtype}")
+    if a.size and a.dtype == np.uint64 and a.max() > np.iinfo(np.int64).max:
+        raise InvalidArgument(f"{what} must fit in int64; got {int(a.max())}")
     return np.ascontiguousarray(a, dtype=np.int64)

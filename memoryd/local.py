@@ -242,10 +242,8 @@ class LocalMemory:
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult:
         b = self._bank(bank)
         i = id_vector(ids)
-        if values and b.spec.value_dim == 0:
-            raise InvalidArgument(f"bank '{bank}' holds keys only: ask for keys, not values")
-        with b.lock.read():
-            found, kk, vv = b.gather(i, keys=keys, values=values)
+        with b.lock.read():  # a key-only bank has no values to give: None
+            found, kk, vv = b.gather(i, keys=keys, values=values and b.spec.value_dim > 0)
         return GetResult(found=found, values=vv, keys=kk)
 
     def export(self, bank: str, chunk_rows: int = 65536) -> Iterator[ExportChunk]:

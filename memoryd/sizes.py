@@ -7,6 +7,7 @@ bytes. 'unlimited' (or 'none') means no limit and parses to None.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 _UNITS = {
     "": 1, "b": 1,
@@ -31,7 +32,7 @@ def parse_size(text: str | int) -> int | None:
     if m is None or unit not in _UNITS:
         raise ValueError(
             f"not a size: {text!r} (examples: 4096, 512MiB, 10GB, unlimited)")
-    return int(float(m.group(1)) * _UNITS[unit])
+    return int(Decimal(m.group(1)) * _UNITS[unit])  # exact: '1.001 kB' is 1001
 
 
 def format_size(n: int | None) -> str:
