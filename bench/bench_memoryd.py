@@ -19,7 +19,6 @@ round trip (Ping) on the same socket. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memoryd.api import BankSpec  # noqa: E402
 from memoryd.local import LocalMemory  # noqa: E402
+from knnlayer.client import MemoryClient  # noqa: E402
 
 
 def clustered_unit(n: int, d: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
@@ -40,14 +40,17 @@ def clustered_unit(n: int, d: int, rng: np.random.Generator, centers: np.ndarray
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up: page faults, thread pools, channel set-up
-    times = []
+def interleaved(paths: dict, repeat: int) -> dict[str, float]:
+    """Median seconds of each path, timed in rounds (one call of each per round)."""
+    for fn in paths.values():
+        fn()  # warm-up: page faults, thread pools, channel set-up
+    times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in paths.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def build(data_dir: Path, a) -> None:
@@ -71,7 +74,6 @@ def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "memoryd.cli", "serve", "--data-dir", str(data_dir),
                              "--log-level", "warning"])
     deadline = time.time() + 600
-    from knnlayer.client import MemoryClient
     while time.time() < deadline:
         if sock.exists():
             try:
@@ -92,7 +94,7 @@ def main() -> None:
     p.add_argument("--nq", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--index", default="HNSW32")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=11)
     p.add_argument("--latency-calls", type=int, default=500)
     p.add_argument("--data-dir", type=Path, help="reuse a bank built by an earlier run")
     a = p.parse_args()
@@ -103,26 +105,24 @@ def main() -> None:
         build(data_dir, a)
     q = np.load(data_dir / "queries.npy")
 
-    rows = []
-    with LocalMemory(data_dir) as mem:
-        bank = mem._banks["bench"]
-        index = bank.shards[0].index
-        values = bank.shards[0].store.values.data        # ids == rows: assigned 0..n-1
-
-        def bare():
-            _, ids = index.search(q, a.k)
-            return values[np.maximum(ids, 0)]            # (nq, k, dv)
-
-        t_faiss = timed(bare, a.repeat)
-        t_local = timed(lambda: mem.search("bench", q, a.k, values=True), a.repeat)
-    rows.append(("in-process FAISS search + value gather", t_faiss, 1.0))
-    rows.append(("LocalMemory.search", t_local, t_local / t_faiss))
-
-    from knnlayer.client import MemoryClient
+    # The daemon serves the data dir while this process opens it too, read
+    # only, so that the three paths can be timed in interleaved rounds: no
+    # path is favoured by warm caches or by a quiet moment of the machine.
     proc, address = start_daemon(data_dir)
     try:
-        with MemoryClient(address) as client:
-            t_client = timed(lambda: client.search("bench", q, a.k, values=True), a.repeat)
+        with LocalMemory(data_dir) as mem, MemoryClient(address) as client:
+            bank = mem._banks["bench"]
+            index = bank.shards[0].index
+            values = bank.shards[0].store.values.data        # ids == rows: assigned 0..n-1
+
+            def bare():
+                _, ids = index.search(q, a.k)
+                return values[np.maximum(ids, 0)]            # (nq, k, dv)
+
+            paths = {"faiss": bare,
+                     "local": lambda: mem.search("bench", q, a.k, values=True),
+                     "client": lambda: client.search("bench", q, a.k, values=True)}
+            times = interleaved(paths, a.repeat)
             one = q[:1]
             lat_search = [_call_ms(lambda: client.search("bench", one, a.k, values=True))
                           for _ in range(a.latency_calls)]
@@ -130,7 +130,10 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
-    rows.append(("MemoryClient.search (daemon, unix socket)", t_client, t_client / t_faiss))
+    t_faiss = times["faiss"]
+    rows = [("in-process FAISS search + value gather", t_faiss, 1.0),
+            ("LocalMemory.search", times["local"], times["local"] / t_faiss),
+            ("MemoryClient.search (daemon, unix socket)", times["client"], times["client"] / t_faiss)]
 
     mb = a.nq * a.k * a.dim * 2 / 2**20
     print(f"\n{a.n:,} x {a.dim}-d keys, {a.index}, {a.dim}-d fp16 values; "

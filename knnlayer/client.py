@@ -28,7 +28,7 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from memoryd import api, errors, wire
+from memoryd import api, errors, fastwire, wire
 from memoryd.arrays import BFLOAT16, to_numpy
 from memoryd.v1 import memory_pb2 as pb
 from memoryd.v1 import memory_pb2_grpc as pb_grpc
@@ -198,6 +198,12 @@ class MemoryClient:
         self.timeout = timeout
         self._channel = grpc.insecure_channel(grpc_target(address), options=wire.CHANNEL_OPTIONS)
         self._stub = pb_grpc.MemoryStub(self._channel)
+        # Search replies are read by fastwire: zero-copy views of the message
+        # bytes instead of protobuf objects (the same wire format).
+        self._search = self._channel.unary_stream(
+            "/memoryd.v1.Memory/Search", request_serializer=pb.SearchRequest.SerializeToString,
+            response_deserializer=functools.partial(fastwire.decode, pb.SearchResponse),
+            _registered_method=True)
         if wait_ready:
             try:
                 grpc.channel_ready_future(self._channel).result(timeout=wait_ready)
@@ -290,11 +296,11 @@ class MemoryClient:
                                values=values, keys=keys)
         blocks: dict[str, list[np.ndarray]] = {f: [] for f in ("ids", "scores", "bank",
                                                                "values", "keys")}
-        for msg in self._stub.Search(req, timeout=self.timeout):
-            self._check_offset(msg.offset, blocks["ids"], "Search")
+        for msg in self._search(req, timeout=self.timeout):
+            self._check_offset(msg.get("offset", 0), blocks["ids"], "Search")
             for f in blocks:
-                if msg.HasField(f):
-                    blocks[f].append(wire.decode(getattr(msg, f), f))
+                if f in msg:
+                    blocks[f].append(msg[f])
         return api.SearchResult(ids=_cat(blocks["ids"]), scores=_cat(blocks["scores"]),
                                 bank=_cat(blocks["bank"]), values=_opt(blocks["values"]),
                                 keys=_opt(blocks["keys"]))

@@ -265,6 +265,9 @@ class Bank:
 
     def get_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, row, found) for each id."""
+        if self.spec.shards == 1:
+            rows, found = self.shards[0].store.lookup(ids)
+            return np.zeros(len(ids), np.int64), rows, found
         shard_of = ids % self.spec.shards
         rows = np.zeros(len(ids), np.int64)
         found = np.zeros(len(ids), bool)
@@ -275,21 +278,29 @@ class Bank:
         return shard_of, rows, found
 
     def gather(self, ids: np.ndarray, *, keys: bool, values: bool, out_values_dtype=None):
-        """Keys/values for any-shaped ids (missing: -1 or unknown) -> zeros."""
+        """(found, keys, values) for any-shaped ids; missing (-1, unknown) -> zeros."""
         flat = ids.reshape(-1)
         shard_of, rows, found = self.get_rows(flat)
-        found &= flat >= 0
-        k_out = np.zeros((len(flat), self.spec.dim), np.float32) if keys else None
         vdt = out_values_dtype or value_dtype(self.spec.value_dtype)
-        v_out = np.zeros((len(flat), self.spec.value_dim), vdt) if values else None
-        for i, s in enumerate(self.shards):
-            sel = found & (shard_of == i)
-            if not sel.any():
-                continue
-            if k_out is not None:
-                k_out[sel] = s.store.keys.data[rows[sel]]
-            if v_out is not None:
-                v_out[sel] = s.store.values.data[rows[sel]]
+        if self.spec.shards == 1 and self.shards[0].store.rows:  # hot path: one gather per column
+            store = self.shards[0].store
+            k_out = store.keys.data[rows] if keys else None
+            v_out = store.values.data[rows].astype(vdt, copy=False) if values else None
+            if not found.all():
+                for out in (k_out, v_out):
+                    if out is not None:
+                        out[~found] = 0
+        else:
+            k_out = np.zeros((len(flat), self.spec.dim), np.float32) if keys else None
+            v_out = np.zeros((len(flat), self.spec.value_dim), vdt) if values else None
+            for i, s in enumerate(self.shards):
+                sel = found & (shard_of == i)
+                if not sel.any():
+                    continue
+                if k_out is not None:
+                    k_out[sel] = s.store.keys.data[rows[sel]]
+                if v_out is not None:
+                    v_out[sel] = s.store.values.data[rows[sel]]
         shape = ids.shape
         return (found.reshape(shape),
                 None if k_out is None else k_out.reshape(*shape, self.spec.dim),

@@ -26,6 +26,7 @@ from memoryd import faiss_index as fx
 from memoryd.api import BankInfo, BankSpec, ExportChunk, GetResult, SearchResult, Stats
 from memoryd.arrays import id_vector, matrix, value_dtype
 from memoryd.bank import Bank
+from memoryd.product_keys import ProductKeyBank, is_product_keys
 from memoryd.catalog import Catalog
 from memoryd.errors import BankFrozen, InvalidArgument, NotFound
 from memoryd.topk import merge_topk
@@ -53,7 +54,7 @@ class LocalMemory:
     def _open_all(self) -> None:
         storages = self.catalog.storages()
         for info in self.catalog.list_banks():
-            bank = Bank(self._bank_path(storages[info.name]), info.spec).open()
+            bank = new_bank(self._bank_path(storages[info.name]), info.spec).open()
             self._banks[info.name] = bank
             self.catalog.reconcile(info.name, bank.nbytes(), bank.count)
         known = set(storages.values())
@@ -93,15 +94,19 @@ class LocalMemory:
         spec.validated()
         with self._admin:
             storage = f"{spec.name}-{uuid.uuid4().hex[:12]}"
-            bank = Bank(self._bank_path(storage), spec)   # InvalidArgument on a bad spec
-            self.catalog.create_bank(spec, storage)         # AlreadyExists
+            bank = new_bank(self._bank_path(storage), spec)   # InvalidArgument on a bad spec
+            self.catalog.create_bank(spec, storage)            # AlreadyExists
             try:
                 bank.create()
+                if bank.count:  # born full (product keys): its bytes must fit the quota
+                    self.catalog.reserve(spec.name, bank.nbytes(), bank.count, op="create")
+                else:  # an empty index's few header bytes are recorded, never refused
+                    self.catalog.reconcile(spec.name, bank.nbytes(), 0)
             except BaseException:
                 self.catalog.delete_bank(spec.name)
+                _rmtree(bank.path)
                 raise
             self._banks[spec.name] = bank
-            self.catalog.reconcile(spec.name, bank.nbytes(), 0)
             self.catalog.update_bank(spec.name, trained=bank.trained)
         return self.bank_info(spec.name)
 
@@ -223,6 +228,9 @@ class LocalMemory:
         else:
             parts = list(self._pool.map(lambda j: chosen[j[0]].search_shard(j[1], q, k), jobs))
         dist, ids, src = merge_topk(parts, [bi for bi, _ in jobs], k, metric)
+        if len(chosen) == 1:  # gather straight into the result, no scatter
+            _, out_k, out_v = chosen[0].gather(ids, keys=keys, values=values, out_values_dtype=vdt)
+            return SearchResult(ids=ids, scores=dist, bank=src, values=out_v, keys=out_k)
         nq = len(q)
         value_dim = max(b.spec.value_dim for b in chosen)
         out_v = np.zeros((nq, k, value_dim), vdt) if values else None
@@ -266,6 +274,11 @@ class LocalMemory:
                      catalog_url=_redact(self.catalog_url), uptime_s=time.time() - self._started,
                      banks=banks, used_bytes=sum(b.used_bytes for b in banks),
                      num_gpus=fx.num_gpus())
+
+
+def new_bank(path: Path, spec: BankSpec) -> "Bank | ProductKeyBank":
+    """The bank class a spec asks for (InvalidArgument if it cannot be built)."""
+    return ProductKeyBank(path, spec) if is_product_keys(spec.index) else Bank(path, spec)
 
 
 def _common_values(chosen: list[Bank]) -> np.dtype | None:

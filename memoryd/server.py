@@ -37,8 +37,8 @@ from memoryd import __version__, wire
 from memoryd.api import MemoryBackend
 from memoryd.config import Config, socket_path
 from memoryd.errors import MemoryError  # noqa: A004 - the domain base class
-from memoryd.service import MemoryServicer
-from memoryd.v1 import memory_pb2, memory_pb2_grpc
+from memoryd.service import MemoryServicer, add_to_server
+from memoryd.v1 import memory_pb2
 
 log = logging.getLogger("memoryd.server")
 
@@ -101,7 +101,7 @@ def create_server(backend: MemoryBackend, listen: str, *, max_workers: int = 16,
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memoryd-rpc"),
         options=SERVER_OPTIONS)
-    memory_pb2_grpc.add_MemoryServicer_to_server(MemoryServicer(backend), server)
+    add_to_server(MemoryServicer(backend), server)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -31,7 +31,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from memoryd import api, errors, wire
+from memoryd import api, errors, fastwire, wire
 from memoryd.errors import InvalidArgument
 from memoryd.v1 import memory_pb2 as pb
 from memoryd.v1 import memory_pb2_grpc as pb_grpc
@@ -185,6 +185,10 @@ def _row_bytes(*arrays: np.ndarray | None) -> int:
     return sum(a[:1].nbytes if len(a) else 0 for a in arrays if a is not None)
 
 
+def _sliced(a: np.ndarray | None, s: slice) -> np.ndarray | None:
+    return None if a is None else a[s]
+
+
 def _maybe(a: np.ndarray | None, s: slice) -> pb.Tensor | None:
     return None if a is None else wire.encode(a[s])
 
@@ -249,9 +253,11 @@ class MemoryServicer(pb_grpc.MemoryServicer):
                                 values=request.values, keys=request.keys)
         rows = _row_bytes(r.ids, r.scores, r.bank, r.values, r.keys)
         for s in wire.chunk_slices(len(r.ids), rows):
-            yield pb.SearchResponse(
-                offset=s.start, ids=wire.encode(r.ids[s]), scores=wire.encode(r.scores[s]),
-                bank=wire.encode(r.bank[s]), values=_maybe(r.values, s), keys=_maybe(r.keys, s))
+            # already serialised (see SEARCH_HANDLER): the reply's arrays are
+            # copied once, straight into the message bytes
+            yield fastwire.encode(
+                pb.SearchResponse, offset=s.start, ids=r.ids[s], scores=r.scores[s],
+                bank=r.bank[s], values=_sliced(r.values, s), keys=_sliced(r.keys, s))
 
     @_rpc
     def Get(self, request, context) -> Iterator[pb.GetResponse]:
@@ -282,3 +288,30 @@ class MemoryServicer(pb_grpc.MemoryServicer):
     @_rpc
     def Ping(self, request, context):
         return pb.PingResponse(payload=request.payload)
+
+
+class _HandlerTable:
+    """Stands in for a grpc.Server to catch the generated handler table."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, _handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, _service: str, handlers: dict) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_to_server(servicer: MemoryServicer, server: grpc.Server) -> None:
+    """Register memoryd.v1.Memory: the generated handlers, except that Search
+    sends the bytes fastwire already serialised (same wire format)."""
+    table = _HandlerTable()
+    pb_grpc.add_MemoryServicer_to_server(servicer, table)
+    handlers = table.handlers
+    handlers["Search"] = grpc.unary_stream_rpc_method_handler(
+        servicer.Search, request_deserializer=pb.SearchRequest.FromString,
+        response_serializer=bytes)
+    service = pb.DESCRIPTOR.services_by_name["Memory"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+    server.add_registered_method_handlers(service, handlers)

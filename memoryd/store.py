@@ -77,6 +77,7 @@ class ShardStore:
         # sorted view of ids for vectorised id -> row lookups
         self._sorted_ids = np.empty(0, np.int64)
         self._sorted_rows = np.empty(0, np.int64)
+        self._progression: tuple[int, int] | None = None
 
     # ---- files -------------------------------------------------------------
     def _file(self, name: str, gen: int | None = None) -> Path:
@@ -160,9 +161,15 @@ class ShardStore:
         self._resort()
 
     # ---- id -> row ----------------------------------------------------------
+    # Bank-assigned ids make a shard's ids an arithmetic progression in row
+    # order (id = first + step * row, step = the shard count), and then a
+    # lookup is arithmetic. Otherwise (explicit ids, removals) a sorted copy
+    # of the ids answers it with a binary search.
     def _resort(self) -> None:
-        order = np.argsort(self.ids.data, kind="stable")
-        self._sorted_ids, self._sorted_rows = self.ids.data[order], order.astype(np.int64)
+        ids = self.ids.data
+        self._progression = _progression(ids)
+        order = np.argsort(ids, kind="stable")
+        self._sorted_ids, self._sorted_rows = ids[order], order.astype(np.int64)
 
     def _index_new_ids(self, ids: np.ndarray, start: int) -> None:
         rows = np.arange(start, start + len(ids), dtype=np.int64)
@@ -170,15 +177,35 @@ class ShardStore:
             if np.all(ids[1:] > ids[:-1]):  # the common case: bank-assigned ids
                 self._sorted_ids = np.concatenate([self._sorted_ids, ids])
                 self._sorted_rows = np.concatenate([self._sorted_rows, rows])
+                self._progression = self._extended_progression(ids, start)
                 return
         self._resort()
 
+    def _extended_progression(self, ids: np.ndarray, start: int) -> tuple[int, int] | None:
+        """The progression after appending ids at row start, in O(len(ids))."""
+        if start == 0:
+            return _progression(ids)
+        if self._progression is None:
+            return None
+        first, step = self._progression
+        if start == 1:  # a single row fixes no step yet
+            step = int(ids[0]) - first
+        expect = first + step * np.arange(start, start + len(ids), dtype=np.int64)
+        return (first, step) if step > 0 and np.array_equal(ids, expect) else None
+
     def lookup(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, found) for ids; rows are 0 where not found."""
-        if len(self._sorted_ids) == 0:
+        n = len(self._sorted_ids)
+        if n == 0:
             return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        if self._progression is not None:
+            first, step = self._progression
+            off = ids - first
+            rows = off // step
+            found = (off >= 0) & (rows < n) & (off - rows * step == 0)
+            return np.where(found, rows, 0), found
         pos = np.searchsorted(self._sorted_ids, ids)
-        pos = np.minimum(pos, len(self._sorted_ids) - 1)
+        pos = np.minimum(pos, n - 1)
         found = self._sorted_ids[pos] == ids
         return np.where(found, self._sorted_rows[pos], 0), found
 
@@ -189,3 +216,13 @@ class ShardStore:
         for p in self.path.glob("*"):
             p.unlink()
         self.path.rmdir()
+
+
+def _progression(ids: np.ndarray) -> tuple[int, int] | None:
+    """(first, step) if ids[r] == first + step * r for every row r, else None."""
+    if len(ids) < 2:
+        return (int(ids[0]), 1) if len(ids) else None
+    step = int(ids[1] - ids[0])
+    if step <= 0 or not np.array_equal(np.diff(ids), np.full(len(ids) - 1, step)):
+        return None
+    return int(ids[0]), step
