@@ -46,7 +46,7 @@ def _tag(field: int, wire_type: int) -> bytes:
 
 def _tensor_parts(a: np.ndarray) -> list:
     """The parts of an encoded Tensor message; the data part is a view, not a copy."""
-    a = np.ascontiguousarray(a)
+    a = np.asarray(a, order="C")
     parts: list = [_tag(_TENSOR_DTYPE, _VARINT), _varint(_TO_PB[a.dtype])]
     if a.ndim:
         shape = b"".join(_varint(s) for s in a.shape)

@@ -46,7 +46,7 @@ def encode(a: np.ndarray) -> pb.Tensor:
     dt = a.dtype.newbyteorder("=") if a.dtype.byteorder not in "=|" else a.dtype
     if dt not in _TO_PB:
         raise InvalidArgument(f"cannot send dtype {a.dtype} over the wire")
-    a = np.ascontiguousarray(a, dtype=dt.newbyteorder("<") if dt.itemsize > 1 else dt)
+    a = np.asarray(a, dtype=dt, order="C")  # (ascontiguousarray would make 0-d 1-d)
     return pb.Tensor(dtype=_TO_PB[dt], shape=a.shape, data=a.tobytes())
 
 
