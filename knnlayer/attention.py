@@ -276,6 +276,10 @@ class KNNAttention(nn.Module):
                          value_dtype: str = "float32", **spec: Any):
         """Create bank `name` holding `ntotal` seeded random unit keys with ids 0..ntotal-1.
 
+        index="product-keys" makes a product-key bank (exact top-k at ~sqrt(ntotal)
+        cost; ntotal must be a square): its keys are the product of two seeded
+        sub-key tables built by the bank, so only the values are sent.
+
         values: an (ntotal, value_dim) array/tensor (e.g. `attn.value_table.weight`,
         so the bank starts equal to the table), or None for seeded N(0, 1) values;
         value_dim=0 makes a keys-only bank (values must then be None).
@@ -287,20 +291,32 @@ class KNNAttention(nn.Module):
             values = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
             if values.shape != (ntotal, value_dim):
                 raise ValueError(f"values must be ({ntotal}, {value_dim}); got {tuple(values.shape)}")
+        rng = np.random.default_rng(seed)
+        product = index.startswith("product-keys")
+        if product:  # keys = product of 2 x sqrt(ntotal) seeded sub-keys, made by the bank
+            n = math.isqrt(ntotal)
+            if n * n != ntotal:
+                raise ValueError(f"product keys need a square ntotal (n^2); got {ntotal}")
+            if index == "product-keys":
+                index = f"product-keys:{n}|seed={seed}"
         memory.create_bank(BankSpec(name=name, dim=key_dim, value_dim=value_dim, kind=kind,
                                     index=index, metric=metric, value_dtype=value_dtype, **spec))
-        rng = np.random.default_rng(seed)
         for start in range(0, ntotal, _ROWS_PER_CALL):
             end = min(ntotal, start + _ROWS_PER_CALL)
-            keys = rng.standard_normal((end - start, key_dim), dtype=np.float32)  # (n, dk)
-            keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+            ids = np.arange(start, end, dtype=np.int64)
             if value_dim == 0:
                 vals = None
             elif values is None:
                 vals = rng.standard_normal((end - start, value_dim), dtype=np.float32)  # (n, dv)
             else:
                 vals = values[start:end]                                          # (n, dv)
-            memory.add(name, keys, vals, ids=np.arange(start, end, dtype=np.int64))
+            if product:
+                if vals is not None:
+                    memory.update_values(name, ids, vals)
+                continue
+            keys = rng.standard_normal((end - start, key_dim), dtype=np.float32)  # (n, dk)
+            keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+            memory.add(name, keys, vals, ids=ids)
         return memory.bank_info(name)
 
     def _table(self) -> nn.Embedding:
