@@ -33,9 +33,10 @@ def step(title: str) -> None:
 
 
 def memctl(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [str(BIN / "memctl"), "--address", ADDRESS, *args]
+    cmd = [str(BIN / "memctl"), *args]
     print("$ memctl " + " ".join(args), flush=True)
-    r = subprocess.run(cmd, text=True, capture_output=True)
+    env = {**os.environ, "MEMCTL_ADDRESS": ADDRESS}  # or --address on each command
+    r = subprocess.run(cmd, text=True, capture_output=True, env=env)
     out = (r.stdout + r.stderr).rstrip()
     if out:
         print("  " + out.replace("\n", "\n  "), flush=True)

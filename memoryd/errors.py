@@ -59,11 +59,13 @@ class QuotaExceeded(MemoryError):
         self.bank, self.used, self.limit, self.requested = bank, used, limit, requested
         from memoryd.sizes import format_size
 
+        def both(n: int) -> str:  # '1.9 MiB (1968000 B)', or just '90 B'
+            human = format_size(n)
+            return human if human == f"{n} B" else f"{human} ({n} B)"
+
         super().__init__(
-            f"quota exceeded for bank '{bank}': used {format_size(used)} "
-            f"({used} B) + requested {format_size(requested)} ({requested} B) "
-            f"> limit {format_size(limit)} ({limit} B)"
-        )
+            f"quota exceeded for bank '{bank}': used {both(used)} + requested "
+            f"{both(requested)} > limit {both(limit)}")
 
     def __reduce__(self):
         return (type(self), (self.bank, self.used, self.limit, self.requested))
