@@ -31,6 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memoryd.api import BankSpec  # noqa: E402
 from memoryd.local import LocalMemory  # noqa: E402
+from memoryd.server import wait_serving  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
 
 
@@ -70,21 +71,11 @@ def build(data_dir: Path, a) -> None:
 
 
 def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    sock = data_dir / "memoryd.sock"
+    address = f"unix://{data_dir / 'memoryd.sock'}"
     proc = subprocess.Popen([sys.executable, "-m", "memoryd.cli", "serve", "--data-dir", str(data_dir),
                              "--log-level", "warning"])
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if sock.exists():
-            try:
-                MemoryClient(f"unix://{sock}", wait_ready=5).close()
-                return proc, f"unix://{sock}"
-            except Exception:
-                pass
-        if proc.poll() is not None:
-            raise SystemExit("memoryd exited during start-up")
-        time.sleep(0.5)
-    raise SystemExit("memoryd did not start")
+    wait_serving(address, timeout=600, proc=proc)  # loading 1M rows takes a while
+    return proc, address
 
 
 def main() -> None:

@@ -18,7 +18,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -49,18 +48,9 @@ def start_daemon() -> subprocess.Popen:
     print(f"$ memoryd serve --data-dir {DATA.name}", flush=True)
     proc = subprocess.Popen([str(BIN / "memoryd"), "serve", "--data-dir", str(DATA),
                              "--log-level", "warning"])
-    from knnlayer import MemoryClient
-    for _ in range(600):
-        if (DATA / "memoryd.sock").exists():
-            try:
-                MemoryClient(ADDRESS, wait_ready=2).close()
-                return proc
-            except Exception:
-                pass
-        if proc.poll() is not None:
-            raise SystemExit("memoryd exited during start-up")
-        time.sleep(0.1)
-    raise SystemExit("memoryd did not come up")
+    from memoryd.server import wait_serving
+    wait_serving(ADDRESS, timeout=60, proc=proc)
+    return proc
 
 
 def stop_daemon(proc: subprocess.Popen) -> None:

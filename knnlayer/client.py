@@ -36,13 +36,6 @@ from memoryd.v1 import memory_pb2_grpc as pb_grpc
 _WIRE_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
 
-def grpc_target(address: str) -> str:
-    """A gRPC target for 'unix:///abs.sock', 'unix:rel.sock', 'host:port' or a bare path."""
-    if address.startswith("/"):
-        return f"unix://{address}"
-    return address
-
-
 # ---- errors -------------------------------------------------------------------
 
 def _error_info(e: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
@@ -196,7 +189,7 @@ class MemoryClient:
     def __init__(self, address: str, *, timeout: float | None = None, wait_ready: float = 10.0):
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(grpc_target(address), options=wire.CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(wire.grpc_target(address), options=wire.CHANNEL_OPTIONS)
         self._stub = pb_grpc.MemoryStub(self._channel)
         # Search replies are read by fastwire: zero-copy views of the message
         # bytes instead of protobuf objects (the same wire format).

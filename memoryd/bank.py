@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import faiss
+from memoryd.faiss_index import faiss  # the one import, with its install hint
 import numpy as np
 
 from memoryd import faiss_index as fx

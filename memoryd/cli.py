@@ -73,20 +73,16 @@ def health(address: str, service: str, timeout: float) -> None:
       memoryd health --address unix:///run/memoryd/memoryd.sock --service memoryd.v1.Memory
     """
     import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from knnlayer.client import grpc_target
+    from memoryd.server import health_status
 
-    with grpc.insecure_channel(grpc_target(address)) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
-        except grpc.RpcError as e:
-            click.echo(f"memoryd at {address}: {e.code().name}: {e.details()}", err=True)
-            sys.exit(1)
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    try:
+        status = health_status(address, service, timeout)
+    except grpc.RpcError as e:
+        click.echo(f"memoryd at {address}: {e.code().name}: {e.details()}", err=True)
+        sys.exit(1)
     click.echo(f"memoryd at {address}: {status}")
-    sys.exit(0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1)
+    sys.exit(0 if status == "SERVING" else 1)
 
 
 @main.command()

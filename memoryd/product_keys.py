@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-import faiss
+from memoryd.faiss_index import faiss  # the one import, with its install hint
 import numpy as np
 
 from memoryd.api import BankSpec, ExportChunk

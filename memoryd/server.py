@@ -26,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -249,3 +250,29 @@ def _close(config: Config, backend: MemoryBackend) -> int:
         config.socket_path.unlink(missing_ok=True)
     log.info("memoryd stopped", extra={"fields": {"exit_code": code}})
     return code
+
+
+# ---- probes ---------------------------------------------------------------------
+
+def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
+    """The daemon's health status name (e.g. 'SERVING'); grpc.RpcError if it does not answer."""
+    with grpc.insecure_channel(wire.grpc_target(address)) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def wait_serving(address: str, *, timeout: float = 30.0, proc=None) -> None:
+    """Return once the daemon at address is SERVING; RuntimeError if `proc`
+    (its subprocess.Popen) exits first, TimeoutError after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"memoryd exited with code {proc.returncode} while starting")
+        try:
+            if health_status(address, timeout=1.0) == "SERVING":
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"memoryd at {address} was not serving within {timeout:g} s")

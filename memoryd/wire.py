@@ -143,3 +143,8 @@ def stats_from_pb(m: pb.StatsResponse) -> api.Stats:
         version=m.version, data_dir=m.data_dir, catalog_url=m.catalog_url,
         uptime_s=m.uptime_s, banks=[info_from_pb(b) for b in m.banks],
         used_bytes=m.used_bytes, num_gpus=m.num_gpus)
+
+
+def grpc_target(address: str) -> str:
+    """A gRPC target for 'unix:///abs.sock', 'unix:rel.sock', 'host:port' or a bare path."""
+    return f"unix://{address}" if address.startswith("/") else address

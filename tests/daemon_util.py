@@ -17,8 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from memoryd.server import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,16 +41,6 @@ def serve_args(data_dir: str | Path, *extra: str) -> list[str]:
     return [*memoryd_command(), "serve", "--data-dir", str(data_dir), *extra]
 
 
-def is_serving(address: str, timeout: float = 1.0) -> bool:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
-
-
 def start_daemon(data_dir: str | Path, *extra: str, timeout: float = 30.0
                  ) -> tuple[subprocess.Popen, str]:
     """Start `memoryd serve --data-dir data_dir` and wait until it serves."""
@@ -62,15 +51,14 @@ def start_daemon(data_dir: str | Path, *extra: str, timeout: float = 30.0
         proc = subprocess.Popen(serve_args(data_dir, *extra), stdout=log, stderr=log,
                                 env=daemon_env())
     proc.log_path = log_path  # type: ignore[attr-defined]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"memoryd exited with {proc.returncode}:\n{log_path.read_text()}")
-        if (data_dir / "memoryd.sock").exists() and is_serving(address):
-            return proc, address
-        time.sleep(0.05)
-    stop_daemon(proc, timeout=5)
-    raise TimeoutError(f"memoryd did not serve within {timeout} s:\n{log_path.read_text()}")
+    try:
+        wait_serving(address, timeout=timeout, proc=proc)
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}:\n{log_path.read_text()}") from None
+    except TimeoutError as e:
+        stop_daemon(proc, timeout=5)
+        raise TimeoutError(f"{e}:\n{log_path.read_text()}") from None
+    return proc, address
 
 
 def stop_daemon(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
