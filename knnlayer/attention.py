@@ -41,6 +41,7 @@ raises; nothing here ever creates or re-binds a bank silently.
 from __future__ import annotations
 
 import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -173,15 +174,37 @@ class KNNAttention(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finish(self.start(x, background=False))
+
+    def start(self, x: torch.Tensor, *, background: bool = True) -> "Pending":
+        """Project x to queries and send the one memory search for all of them.
+
+        With background=True the search runs on a worker thread (FAISS and gRPC
+        release the GIL) and this returns at once, so the caller can run
+        another part of the model meanwhile and then call `finish`:
+
+            pending = attn.start(x)      # memory works...
+            h = mlp(x)                   # ...while this runs
+            y = attn.finish(pending)
+        """
         c = self.config
-        lead = x.shape[:-1]
         q = self.queries(x.reshape(-1, c.input_dim))              # (N, H, dk), N = B*T
-        r = self.retrieve(q)
+        if background:
+            retrieved = _search_pool().submit(self.retrieve, q.detach())
+        else:
+            retrieved = Future()
+            retrieved.set_result(self.retrieve(q.detach()))
+        return Pending(lead=tuple(x.shape[:-1]), q=q, retrieved=retrieved)
+
+    def finish(self, pending: "Pending") -> torch.Tensor:
+        """The attention output (B, T, F) for a `start`ed search."""
+        c = self.config
+        q, r = pending.q, pending.retrieved.result()              # q: (N, H, dk)
         logits = self.scale[:, None] * torch.einsum("nhd,nhkd->nhk", q, r.keys)  # (N, H, k)
         weights = masked_softmax(logits, r.mask)                  # (N, H, k)
         values = self.gather_values(r)                            # (N, H, k, dv)
         out = torch.einsum("nhk,nhkv->nhv", weights, values)      # (N, H, dv)
-        out = out.reshape(*lead, c.num_heads * c.value_dim)       # (B, T, H*dv)
+        out = out.reshape(*pending.lead, c.num_heads * c.value_dim)  # (B, T, H*dv)
         if self.out_proj is not None:
             out = self.out_proj(out)                              # (B, T, out_dim)
         if self.gate is not None:
@@ -363,6 +386,26 @@ def _check_bank_binding(module: KNNAttention, state_dict: dict, prefix: str, *ar
     key = prefix + "_extra_state"
     if key in state_dict:          # absent: load_state_dict reports the missing key itself
         module._check_saved_banks(state_dict[key])
+
+
+@dataclass
+class Pending:
+    """A started forward: the queries (with their graph) and the search in flight."""
+
+    lead: tuple[int, ...]             # x.shape[:-1], e.g. (B, T)
+    q: torch.Tensor                   # (N, H, dk) unit queries, N = prod(lead)
+    retrieved: Future                 # -> Retrieved
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _search_pool() -> ThreadPoolExecutor:
+    """Threads for background searches, shared by every layer of the process."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="knnlayer-search")
+    return _POOL
 
 
 @dataclass

@@ -439,3 +439,39 @@ def test_to_device_converts_bfloat16_and_readonly_arrays():
     assert not ro.flags.writeable
     t = to_device(ro, torch.device("cpu"), torch.float64)
     assert t.dtype == torch.float64 and torch.equal(t, torch.arange(4.0, dtype=torch.float64))
+
+
+class _GatedMemory:
+    """A memory whose search waits for a signal: shows when a search is in flight."""
+
+    def __init__(self, inner):
+        import threading
+        self.inner, self.entered, self.release = inner, threading.Event(), threading.Event()
+
+    def search(self, *args, **kwargs):
+        self.entered.set()
+        assert self.release.wait(10), "search was never released"
+        return self.inner.search(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_start_returns_while_the_search_runs_and_finish_matches_forward(local_mem, make_bank):
+    spec = make_bank(local_mem, dim=8, value_dim=4)
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((40, 8)).astype(np.float32)
+    local_mem.add(spec.name, keys / np.linalg.norm(keys, axis=1, keepdims=True),
+                  rng.standard_normal((40, 4)).astype(np.float32))
+    gated = _GatedMemory(local_mem)
+    attn = KNNAttention(input_dim=6, key_dim=8, value_dim=4, num_heads=2, topk=5,
+                        memory=gated, banks=[spec.name])
+    x = torch.randn(2, 3, 6)
+    pending = attn.start(x)                       # must not wait for the search
+    assert gated.entered.wait(10)                 # the search is running on a worker...
+    assert not pending.retrieved.done()           # ...and has not finished
+    gated.release.set()
+    y = attn.finish(pending)
+    torch.testing.assert_close(y, attn(x))
+    y.sum().backward()
+    assert attn.q_proj.weight.grad is not None and attn.q_proj.weight.grad.abs().sum() > 0
