@@ -127,6 +127,7 @@ class Bank:
     def __init__(self, path: Path, spec: BankSpec):
         self.path, self.spec = Path(path), spec
         self.lock = RWLock()
+        self.frozen = False       # mirrors the catalog, set by memoryd.local
         self.next_id = 0
         self.template = fx.build(spec.dim, spec.index, spec.metric)
         self.shards: list[Shard] = []
@@ -231,8 +232,8 @@ class Bank:
             sel = route == i if self.spec.shards > 1 else slice(None)
             if self.spec.shards == 1 or sel.any():
                 s.add(ids[sel], keys[sel], values[sel] if values is not None else None)
+        # not saved here: open() derives it from the row files; remove() saves it
         self.next_id = max(self.next_id, int(ids.max()) + 1)
-        self._save_meta()
 
     def update_values(self, ids: np.ndarray, values: np.ndarray) -> int:
         shard_of, rows, found = self.get_rows(ids)
@@ -243,6 +244,7 @@ class Bank:
         return int(found.sum())
 
     def remove(self, ids: np.ndarray) -> int:
+        self._save_meta()  # the largest id may go: never hand it out again
         route = ids % self.spec.shards
         return sum(s.remove(ids[route == i]) for i, s in enumerate(self.shards))
 

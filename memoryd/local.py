@@ -55,6 +55,7 @@ class LocalMemory:
         storages = self.catalog.storages()
         for info in self.catalog.list_banks():
             bank = new_bank(self._bank_path(storages[info.name]), info.spec).open()
+            bank.frozen = info.frozen
             self._banks[info.name] = bank
             self.catalog.reconcile(info.name, bank.nbytes(), bank.count)
         known = set(storages.values())
@@ -128,10 +129,12 @@ class LocalMemory:
     def freeze_bank(self, name: str) -> BankInfo:
         bank = self._bank(name)
         with bank.lock.write():
-            if self.catalog.bank(name).frozen:
+            if bank.frozen:
                 return self.catalog.bank(name)
             bank.checkpoint()
-            return self.catalog.update_bank(name, frozen=True, checksum=bank.checksum())
+            info = self.catalog.update_bank(name, frozen=True, checksum=bank.checksum())
+            bank.frozen = True
+            return info
 
     def set_quota(self, name: str, quota_bytes: int | None) -> BankInfo:
         if quota_bytes is not None and quota_bytes < 0:
@@ -142,7 +145,7 @@ class LocalMemory:
     # ---- writes ------------------------------------------------------------------
     def _writable(self, name: str) -> Bank:
         bank = self._bank(name)
-        if self.catalog.bank(name).frozen:
+        if bank.frozen:  # mirrors the catalog: only this process writes it
             raise BankFrozen(f"bank '{name}' is frozen: it accepts no writes")
         return bank
 
@@ -168,6 +171,7 @@ class LocalMemory:
         with b.lock.write():
             self._writable(bank)
             new_ids = b.new_ids(len(k), given)
+            was_trained = b.trained
             template = b.trained_template(k)
             before = b.nbytes()
             delta = b.nbytes(b.count + len(k), template) - before
@@ -177,7 +181,7 @@ class LocalMemory:
             except BaseException:
                 self.catalog.release(bank, delta, len(k), op="add-failed")
                 raise
-            if template.is_trained and not self.catalog.bank(bank).trained:
+            if b.trained and not was_trained:
                 self.catalog.update_bank(bank, trained=True)
         return new_ids
 

@@ -78,6 +78,7 @@ class ProductKeyBank:
         self.path, self.spec = Path(path), spec
         self.n, self.seed = parse(spec.index)
         self.lock = RWLock()
+        self.frozen = False       # mirrors the catalog, set by memoryd.local
         self.sub = subkeys(self.n, spec.dim, self.seed)                      # (2, n, dim/2)
         self.halves = [faiss.IndexFlatIP(spec.dim // 2) for _ in range(2)]
         for flat, c in zip(self.halves, self.sub):

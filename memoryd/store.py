@@ -30,11 +30,12 @@ STATE = "state.json"
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
+    """Replace path with obj in one rename: a reader (or a restart after the
+    process died) sees the old or the new state, never a torn one. No fsync:
+    surviving power loss is the write-ahead log's job, not this file's."""
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
