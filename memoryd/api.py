@@ -30,6 +30,8 @@ from memoryd.errors import InvalidArgument
 
 KINDS = ("base", "domain", "session")
 METRICS = ("l2", "ip")
+TIERS = ("ram", "mmap", "gpu")         # where a bank's index and rows live
+EVICTIONS = ("reject", "fifo")         # what a write over quota does
 MAX_K = 4096          # largest k one search may ask for
 MAX_SHARDS = 64
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -49,6 +51,8 @@ class BankSpec:
     shards: int = 1
     quota_bytes: int | None = None     # None: unlimited
     tenant: str = "default"
+    tier: str = "ram"                  # ram | mmap (rows and flat codes on disk) | gpu
+    eviction: str = "reject"           # reject: writes over quota fail; fifo: oldest leave
 
     def validated(self) -> "BankSpec":
         """Self, or InvalidArgument naming the first bad field."""
@@ -75,6 +79,11 @@ class BankSpec:
             raise InvalidArgument("index spec must be a non-empty faiss index_factory string")
         if not _name_ok(self.tenant):
             raise InvalidArgument(f"bad tenant name {self.tenant!r}")
+        if self.tier not in TIERS:
+            raise InvalidArgument(f"tier must be one of {', '.join(TIERS)}; got {self.tier!r}")
+        if self.eviction not in EVICTIONS:
+            raise InvalidArgument(
+                f"eviction must be one of {', '.join(EVICTIONS)}; got {self.eviction!r}")
         return self
 
     def with_(self, **changes: Any) -> "BankSpec":
@@ -99,6 +108,7 @@ class BankInfo:
     checksum: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
+    tier_bytes: dict[str, int] = field(default_factory=dict)   # {"ram"|"disk"|"gpu": bytes}
 
     @property
     def name(self) -> str:
@@ -108,6 +118,88 @@ class BankInfo:
         d = asdict(self)
         d.update(d.pop("spec"))
         return d
+
+
+@dataclass(frozen=True)
+class BankQuery:
+    """One entry of a search's bank stack, with its own options.
+
+    Merged top-k: each included bank yields its own best `k` (default: the
+    search's k); a bank's scores are shifted by `bias` in its favour (added
+    to inner products, subtracted from L2 distances); the best k of the
+    shifted scores over all banks are returned, best first, with the shifted
+    scores. Ties go to the bank named first. `include=False` leaves the bank
+    out (its position in `bank` indices is kept).
+    """
+
+    name: str
+    k: int | None = None
+    bias: float = 0.0
+    include: bool = True
+
+
+@dataclass(frozen=True)
+class SessionSpec:
+    """What OpenSession asks for: the session bank's shape, lifetime and quota."""
+
+    dim: int
+    value_dim: int = 0
+    value_dtype: str = "float32"
+    metric: str = "l2"
+    tenant: str = "default"
+    ttl_idle_s: float | None = None        # expire after this long without use
+    ttl_absolute_s: float | None = None    # expire this long after opening
+    quota_bytes: int | None = None
+    eviction: str = "reject"               # fifo: oldest memories leave to make room
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    session_id: str                        # also the name of its bank
+    tenant: str
+    created_at: float
+    last_used_at: float
+    expires_at: float | None               # the earlier of the idle and absolute deadlines
+    ttl_idle_s: float | None
+    ttl_absolute_s: float | None
+    bank: BankInfo
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bank"] = self.bank.to_dict()
+        return d
+
+
+@dataclass(frozen=True)
+class PromoteResult:
+    promoted: int                          # rows written to the target bank
+    duplicates: int                        # skipped as near-identical to a kept key
+    target_ids: np.ndarray                 # (promoted,) ids in the target bank
+    source_ids: np.ndarray                 # (promoted,) their ids in the session
+    moved: bool                            # True: removed from the session
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    name: str
+    quota_bytes: int | None
+    used_bytes: int
+    banks: int
+    sessions: int
+    tier_bytes: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class StackUse:
+    """A bank stack some client searched, from the daemon's recent history."""
+
+    client: str
+    banks: tuple[str, ...]
+    searches: int
+    last_used_at: float
 
 
 @dataclass
@@ -139,6 +231,8 @@ class Stats:
     banks: list[BankInfo] = field(default_factory=list)
     used_bytes: int = 0
     num_gpus: int = 0
+    stacks: list[StackUse] = field(default_factory=list)
+    tenants: list[TenantInfo] = field(default_factory=list)
 
 
 @dataclass
@@ -159,8 +253,10 @@ class MemoryBackend(Protocol):
     def freeze_bank(self, name: str) -> BankInfo: ...
     def set_quota(self, name: str, quota_bytes: int | None) -> BankInfo: ...
 
+    def set_tier(self, name: str, tier: str) -> BankInfo: ...        # moves a live bank
+
     def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None) -> np.ndarray: ...
-    def search(self, banks: str | Sequence[str], queries: Any, k: int,
+    def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
                values: bool = True, keys: bool = False) -> SearchResult: ...
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult: ...
     def update_values(self, bank: str, ids: Any, values: Any) -> int: ...
@@ -169,15 +265,53 @@ class MemoryBackend(Protocol):
     def stats(self) -> Stats: ...
     def close(self) -> None: ...
 
+    # sessions: short-term memory written during inference
+    def open_session(self, spec: SessionSpec) -> SessionInfo: ...
+    def append(self, session_id: str, keys: Any, values: Any = None,
+               scores: Any = None) -> np.ndarray: ...                # read-your-writes
+    def session_info(self, session_id: str) -> SessionInfo: ...
+    def list_sessions(self, tenant: str | None = None) -> list[SessionInfo]: ...
+    def extend_session(self, session_id: str, ttl_idle_s: float | None = None,
+                       ttl_absolute_s: float | None = None) -> SessionInfo: ...
+    def close_session(self, session_id: str) -> int: ...              # released bytes
+    def promote_session(self, session_id: str, target: str, *, ids: Any = None,
+                        min_score: float | None = None, dedup: float | None = None,
+                        move: bool = False) -> PromoteResult: ...
 
-def bank_list(banks: str | Sequence[str]) -> list[str]:
-    """Normalise the banks argument of search: one name or several, no repeats."""
-    names = [banks] if isinstance(banks, str) else list(banks)
-    if not names:
+    # tenants: the storage a user bought
+    def set_tenant_quota(self, tenant: str, quota_bytes: int | None) -> TenantInfo: ...
+    def tenant_info(self, tenant: str) -> TenantInfo: ...
+    def list_tenants(self) -> list[TenantInfo]: ...
+
+
+def bank_list(banks: str | BankQuery | Sequence[str | BankQuery]) -> list[BankQuery]:
+    """Normalise the banks argument of search: names or BankQuery, no repeats."""
+    items = [banks] if isinstance(banks, (str, BankQuery)) else list(banks)
+    stack = [b if isinstance(b, BankQuery) else BankQuery(b) for b in items]
+    if not stack:
         raise InvalidArgument("search needs at least one bank")
+    names = [b.name for b in stack]
+    if not all(isinstance(n, str) for n in names):
+        raise InvalidArgument(f"bank names must be strings; got {names!r}")
     if len(set(names)) != len(names):
         raise InvalidArgument(f"a bank is named twice in one search: {names}")
-    return names
+    for b in stack:
+        if b.k is not None:
+            check_k(b.k)
+        if not np.isfinite(b.bias):
+            raise InvalidArgument(f"bias of bank '{b.name}' must be finite; got {b.bias}")
+    if not any(b.include for b in stack):
+        raise InvalidArgument("every bank of the search is excluded: include at least one")
+    return stack
+
+
+def check_ttl(value: Any, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or not np.isfinite(value):
+        raise InvalidArgument(f"{what} must be a positive number of seconds or None; got {value!r}")
+    return float(value)
 
 
 def check_k(k: Any) -> int:

@@ -24,6 +24,7 @@ from memoryd.faiss_index import faiss  # the one import, with its install hint
 import numpy as np
 
 from memoryd import faiss_index as fx
+from memoryd import faults, tiers
 from memoryd.api import BankSpec, ExportChunk
 from memoryd.arrays import value_dtype
 from memoryd.errors import InvalidArgument
@@ -31,6 +32,7 @@ from memoryd.store import ShardStore, atomic_write_json
 
 META = "bank.json"
 TEMPLATE = "trained.faiss"
+INTENT = "intent.json"   # an add in progress across shards: rolled back on open
 
 
 class RWLock:
@@ -73,23 +75,34 @@ class RWLock:
 
 
 class Shard:
+    """One shard: its rows (memoryd.store) and its index on the bank's tier."""
+
     def __init__(self, path: Path, spec: BankSpec, template: "faiss.Index"):
+        self.spec, self.template = spec, template
         self.store = ShardStore(path, spec.dim, spec.value_dim, value_dtype(spec.value_dtype))
-        self.index = fx.empty_like(template)
+        self.index = self._placed(fx.empty_like(template), None)
+
+    def _placed(self, index: "faiss.Index", snapshot: Path | None):
+        return tiers.place(self.spec.tier, index, snapshot, self.spec.index, self.spec.metric)
 
     def create(self) -> None:
         self.store.create()
 
-    def load(self, spec: BankSpec) -> None:
+    def load(self) -> None:
         """Rows from disk, index from its snapshot plus a replay of newer rows."""
-        self.store.load()
-        path, covered = self.store.index_file(), self.store.state["index_rows"]
-        if path.exists() and covered <= self.store.rows:
-            self.index = fx.configure(faiss.read_index(str(path)), spec.index)
+        store = self.store
+        store.load(mapped=self.spec.tier == "mmap")
+        snap, covered = store.index_file(), store.state["index_rows"]
+        if not (snap.exists() and covered <= store.rows):  # none, or ahead of a rolled-back add
+            snap, covered = None, 0
+        if snap is not None and self.spec.tier == "mmap":
+            self.index = self._placed(fx.empty_like(self.template), snap)
         else:
-            covered = 0
-        if covered < self.store.rows:
-            self.index.add_with_ids(self.store.keys.data[covered:], self.store.ids.data[covered:])
+            cpu = (fx.configure(faiss.read_index(str(snap)), self.spec.index) if snap is not None
+                   else fx.empty_like(self.template))
+            self.index = self._placed(cpu, None)
+        if covered < store.rows:
+            self.index.add_with_ids(store.keys.data[covered:], store.ids.data[covered:])
 
     def add(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None) -> None:
         self.store.append(ids, keys, values)     # acknowledged on disk first
@@ -101,20 +114,45 @@ class Shard:
         if not len(gone):
             return 0
         keep = ~np.isin(self.store.ids.data, gone)
-        if fx.supports_remove(self.index):
+        if self.spec.tier == "ram" and fx.supports_remove(self.index):
             self.index.remove_ids(gone)
-        else:  # HNSW cannot delete: rebuild this shard's graph from what stays
-            rebuilt = fx.empty_like(self.index)
-            rebuilt.add_with_ids(self.store.keys.data[keep], self.store.ids.data[keep])
-            self.index = rebuilt
-        self.store.rewrite(keep, lambda p: _write_index(self.index, p))
+            self.store.rewrite(keep, lambda p: _write_index(self.index, p))
+            return int(len(gone))
+        # HNSW cannot delete, a mapped snapshot is read-only, a GPU index is a
+        # copy: rebuild this shard's index in RAM from what stays
+        rebuilt = fx.empty_like(self.template)
+        rebuilt.add_with_ids(self.store.keys.data[keep], self.store.ids.data[keep])
+        self.store.rewrite(keep, lambda p: _write_index(rebuilt, p))
+        self.index = (self._placed(fx.empty_like(self.template), self.store.index_file())
+                      if self.spec.tier == "mmap" else self._placed(rebuilt, None))
         return int(len(gone))
+
+    def cpu_index(self) -> "faiss.Index":
+        """The whole index as an in-RAM FAISS index (to write a snapshot)."""
+        if isinstance(self.index, tiers.GpuIndex):
+            return self.index.cpu()
+        if not isinstance(self.index, tiers.MappedIndex):
+            return self.index
+        covered = self.store.state["index_rows"] if self.index.base is not None else 0
+        full = (fx.configure(faiss.read_index(str(self.store.index_file())), self.spec.index)
+                if covered else fx.empty_like(self.template))
+        full.add_with_ids(self.store.keys.data[covered:], self.store.ids.data[covered:])
+        return full
 
     def checkpoint(self) -> None:
         """Snapshot the index so the next open need not replay rows."""
-        if self.store.state["index_rows"] != self.store.rows or not self.store.index_file().exists():
-            _write_index(self.index, self.store.index_file())
+        snap = self.store.index_file()
+        if self.store.state["index_rows"] != self.store.rows or not snap.exists():
+            _write_index(self.cpu_index(), snap)
             self.store.save_state(index_rows=self.store.rows)
+            if self.spec.tier == "mmap":  # fold the RAM part into the mapped snapshot
+                self.index = self._placed(fx.empty_like(self.template), snap)
+
+    def set_tier(self, spec: BankSpec) -> None:
+        """Snapshot, then reopen rows and index on spec.tier."""
+        self.checkpoint()
+        self.spec = spec
+        self.load()
 
 
 def _write_index(index: "faiss.Index", path: Path) -> None:
@@ -145,12 +183,13 @@ class Bank:
     def open(self) -> "Bank":
         meta = json.loads((self.path / META).read_text())
         self.next_id = int(meta["next_id"])
+        self._roll_back_torn_add()
         if (self.path / TEMPLATE).exists():
             self.template = fx.configure(faiss.read_index(str(self.path / TEMPLATE)), self.spec.index)
         self.shards = [Shard(self._shard_path(i), self.spec, self.template)
                        for i in range(self.spec.shards)]
         for s in self.shards:
-            s.load(self.spec)
+            s.load()
         # ids written by an add whose meta update was torn must never be reused
         self.next_id = max([self.next_id] + [int(s.store.ids.data.max()) + 1
                                              for s in self.shards if s.store.rows])
@@ -166,6 +205,26 @@ class Bank:
         for s in self.shards:
             s.checkpoint()
         self._save_meta()
+
+    def set_tier(self, tier: str) -> None:
+        """Move every shard to tier (caller holds the write lock: no write is
+        lost and searches wait for the move instead of failing)."""
+        self.spec = self.spec.with_(tier=tier)
+        for s in self.shards:
+            s.set_tier(self.spec)
+
+    def tier_bytes(self) -> dict[str, int]:
+        """Where the bytes of nbytes() sit, and what the files take on disk."""
+        store = sum(s.store.nbytes() for s in self.shards)
+        index = self.nbytes() - store
+        disk = sum(s.store.disk_bytes() for s in self.shards) + sum(
+            p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        if self.spec.tier == "mmap":  # rows and flat codes are paged in from disk
+            codes = self.count * fx.code_bytes(self.template, self.spec.dim)
+            return {"ram": index - codes, "disk": disk}
+        if self.spec.tier == "gpu":
+            return {"ram": store, "gpu": index, "disk": disk}
+        return {"ram": store + index, "disk": disk}
 
     def delete_files(self) -> None:
         for s in self.shards:
@@ -226,14 +285,44 @@ class Bank:
             _write_index(template, self.path / TEMPLATE)
             self.template = template
             for s in self.shards:
-                s.index = fx.empty_like(template)
-        route = ids % self.spec.shards
-        for i, s in enumerate(self.shards):
-            sel = route == i if self.spec.shards > 1 else slice(None)
-            if self.spec.shards == 1 or sel.any():
-                s.add(ids[sel], keys[sel], values[sel] if values is not None else None)
+                s.template = template
+                s.index = s._placed(fx.empty_like(template), None)
+        if self.spec.shards == 1:  # one state.json replace commits the whole add
+            self.shards[0].add(ids, keys, values)
+        else:
+            self._add_across_shards(ids, keys, values)
         # not saved here: open() derives it from the row files; remove() saves it
         self.next_id = max(self.next_id, int(ids.max()) + 1)
+
+    def _add_across_shards(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None) -> None:
+        """All shards take their rows, or (after a crash half way) none do.
+
+        The intent file records each shard's row count before the add; it is
+        removed once every shard has acknowledged, and open() rolls the
+        shards back to those counts if it finds it.
+        """
+        atomic_write_json(self.path / INTENT, {"rows": [s.store.rows for s in self.shards]})
+        route = ids % self.spec.shards
+        for i, s in enumerate(self.shards):
+            sel = route == i
+            if sel.any():
+                s.add(ids[sel], keys[sel], values[sel] if values is not None else None)
+                faults.point("bank.add:between-shards")
+        (self.path / INTENT).unlink()
+
+    def _roll_back_torn_add(self) -> None:
+        intent = self.path / INTENT
+        if not intent.exists():
+            return
+        before = json.loads(intent.read_text())["rows"]
+        for i, rows in enumerate(before):
+            store = ShardStore(self._shard_path(i), self.spec.dim, self.spec.value_dim,
+                               value_dtype(self.spec.value_dtype))
+            state = json.loads((store.path / "state.json").read_text())
+            if state["rows"] > rows:
+                store.state = state
+                store.save_state(rows=rows)  # a snapshot past `rows` is rebuilt by load()
+        intent.unlink()
 
     def update_values(self, ids: np.ndarray, values: np.ndarray) -> int:
         shard_of, rows, found = self.get_rows(ids)

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from memoryd.api import BankInfo, BankSpec
-from memoryd.errors import AlreadyExists, NotFound, QuotaExceeded
+from memoryd.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded
+from memoryd.sizes import format_size
 
 metadata = sa.MetaData()
 
@@ -51,8 +52,20 @@ banks = sa.Table(
     sa.Column("trained", sa.Boolean, nullable=False, default=False),
     sa.Column("checksum", sa.String(80), nullable=False, default=""),
     sa.Column("storage", sa.String(128), nullable=False),     # folder under banks/
+    sa.Column("tier", sa.String(8), nullable=False, server_default="ram"),
+    sa.Column("eviction", sa.String(8), nullable=False, server_default="reject"),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+sessions = sa.Table(
+    "sessions", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),         # also the name of its bank
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("ttl_idle_s", sa.Float, nullable=True),
+    sa.Column("ttl_absolute_s", sa.Float, nullable=True),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("last_used_at", sa.Float, nullable=False),
 )
 
 usage = sa.Table(
@@ -83,6 +96,22 @@ class Catalog:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a catalog written by an older memoryd up to this schema.
+
+        Only additive changes happen between versions, and every added column
+        has a server default, so ALTER TABLE ... ADD COLUMN is enough.
+        """
+        inspector = sa.inspect(self.engine)
+        with self._tx() as c:
+            for table in metadata.sorted_tables:
+                have = {col["name"] for col in inspector.get_columns(table.name)}
+                for col in table.columns:
+                    if col.name not in have:
+                        ddl = sa.schema.CreateColumn(col).compile(dialect=self.engine.dialect)
+                        c.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {ddl}"))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -98,15 +127,14 @@ class Catalog:
         with self._tx() as c:
             if c.execute(sa.select(banks.c.id).where(banks.c.name == spec.name)).first():
                 raise AlreadyExists(f"bank '{spec.name}' already exists")
-            if not c.execute(sa.select(tenants.c.name).where(tenants.c.name == spec.tenant)).first():
-                c.execute(tenants.insert().values(name=spec.tenant, quota_bytes=None,
-                                                  used_bytes=0, created_at=now))
+            self.ensure_tenant(c, spec.tenant)
             c.execute(banks.insert().values(
                 name=spec.name, tenant=spec.tenant, kind=spec.kind, dim=spec.dim,
                 value_dim=spec.value_dim, value_dtype=spec.value_dtype, metric=spec.metric,
                 index_spec=spec.index, shards=spec.shards, quota_bytes=spec.quota_bytes,
                 used_bytes=0, count=0, frozen=False, trained=False, checksum="",
-                storage=storage, created_at=now, updated_at=now))
+                storage=storage, tier=spec.tier, eviction=spec.eviction,
+                created_at=now, updated_at=now))
             self._log(c, spec.name, spec.tenant, "create", 0, 0)
         return self.bank(spec.name)
 
@@ -200,6 +228,68 @@ class Catalog:
             self._tenant_delta(c, row[2], used_bytes - row[0])
             self._log(c, name, row[2], "reconcile", used_bytes - row[0], count - row[1])
 
+    # ---- tenants -------------------------------------------------------------------
+    def ensure_tenant(self, c: sa.Connection, tenant: str) -> None:
+        if not c.execute(sa.select(tenants.c.name).where(tenants.c.name == tenant)).first():
+            c.execute(tenants.insert().values(name=tenant, quota_bytes=None, used_bytes=0,
+                                              created_at=time.time()))
+
+    def set_tenant_quota(self, tenant: str, quota_bytes: int | None) -> None:
+        """Raise or lower a tenant's quota; below its usage is refused."""
+        with self._tx() as c:
+            self.ensure_tenant(c, tenant)
+            t = tenants.c
+            cond = [t.name == tenant]
+            if quota_bytes is not None:
+                cond.append(t.used_bytes <= quota_bytes)
+            if c.execute(tenants.update().where(*cond).values(quota_bytes=quota_bytes)).rowcount == 0:
+                used = c.execute(sa.select(t.used_bytes).where(t.name == tenant)).scalar_one()
+                raise FailedPrecondition(
+                    f"tenant '{tenant}' uses {format_size(used)} ({used} B): a quota of "
+                    f"{format_size(quota_bytes)} ({quota_bytes} B) is below that; delete banks "
+                    "or close sessions first")
+
+    def tenant(self, tenant: str) -> dict:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(tenants).where(tenants.c.name == tenant)).mappings().first()
+            if row is None:
+                raise NotFound(f"no tenant named '{tenant}'")
+            nbanks = c.execute(sa.select(sa.func.count()).select_from(banks)
+                               .where(banks.c.tenant == tenant)).scalar_one()
+            nsessions = c.execute(sa.select(sa.func.count()).select_from(sessions)
+                                  .where(sessions.c.tenant == tenant)).scalar_one()
+        return {**row, "banks": int(nbanks), "sessions": int(nsessions)}
+
+    def tenant_names(self) -> list[str]:
+        with self.engine.connect() as c:
+            return list(c.execute(sa.select(tenants.c.name).order_by(tenants.c.name)).scalars())
+
+    # ---- sessions ------------------------------------------------------------------
+    def add_session(self, session_id: str, tenant: str, ttl_idle_s: float | None,
+                    ttl_absolute_s: float | None, now: float) -> None:
+        with self._tx() as c:
+            c.execute(sessions.insert().values(
+                id=session_id, tenant=tenant, ttl_idle_s=ttl_idle_s,
+                ttl_absolute_s=ttl_absolute_s, created_at=now, last_used_at=now))
+
+    def session(self, session_id: str) -> dict | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(sessions).where(sessions.c.id == session_id)).mappings().first()
+        return None if row is None else dict(row)
+
+    def all_sessions(self) -> list[dict]:
+        with self.engine.connect() as c:
+            return [dict(r) for r in c.execute(sa.select(sessions).order_by(sessions.c.created_at))
+                    .mappings()]
+
+    def update_session(self, session_id: str, **fields) -> None:
+        with self._tx() as c:
+            c.execute(sessions.update().where(sessions.c.id == session_id).values(**fields))
+
+    def drop_session(self, session_id: str) -> None:
+        with self._tx() as c:
+            c.execute(sessions.delete().where(sessions.c.id == session_id))
+
     @staticmethod
     def _tenant_delta(c: sa.Connection, tenant: str, nbytes: int) -> bool:
         t = tenants.c
@@ -219,7 +309,8 @@ def _info(row) -> BankInfo:
     spec = BankSpec(
         name=row["name"], dim=row["dim"], value_dim=row["value_dim"], kind=row["kind"],
         value_dtype=row["value_dtype"], metric=row["metric"], index=row["index_spec"],
-        shards=row["shards"], quota_bytes=row["quota_bytes"], tenant=row["tenant"])
+        shards=row["shards"], quota_bytes=row["quota_bytes"], tenant=row["tenant"],
+        tier=row["tier"], eviction=row["eviction"])
     return BankInfo(
         spec=spec, count=int(row["count"]), used_bytes=int(row["used_bytes"]),
         frozen=bool(row["frozen"]), trained=bool(row["trained"]), checksum=row["checksum"],

@@ -130,6 +130,14 @@ def fixed_bytes(index: "faiss.Index") -> int:
     return int(faiss.serialize_index(index).nbytes)
 
 
+def code_bytes(index: "faiss.Index", dim: int) -> int:
+    """Bytes of one vector's code (what IO_FLAG_MMAP_IFC leaves on disk)."""
+    try:
+        return int(_inner(index).sa_code_size())
+    except RuntimeError:
+        return dim * 4
+
+
 def bytes_per_vector(index: "faiss.Index", dim: int) -> int:
     """Bytes the index adds per stored vector: its code, its id, graph links."""
     inner = _inner(index)

@@ -13,22 +13,27 @@ import logging
 import threading
 import time
 import uuid
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 import memoryd
 from memoryd import api
 from memoryd import faiss_index as fx
-from memoryd.api import BankInfo, BankSpec, ExportChunk, GetResult, SearchResult, Stats
+from memoryd.api import (BankInfo, BankQuery, BankSpec, ExportChunk, GetResult, PromoteResult,
+                         SearchResult, SessionInfo, SessionSpec, Stats, TenantInfo)
 from memoryd.arrays import id_vector, matrix, value_dtype
 from memoryd.bank import Bank
 from memoryd.product_keys import ProductKeyBank, is_product_keys
 from memoryd.catalog import Catalog
-from memoryd.errors import BankFrozen, InvalidArgument, NotFound
+from memoryd.errors import BankFrozen, FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
+from memoryd.sessions import SessionManager
+from memoryd.sizes import format_size
+from memoryd.stacks import StackLog
 from memoryd.topk import merge_topk
 
 log = logging.getLogger("memoryd")
@@ -38,7 +43,11 @@ class LocalMemory:
     """The memory backend in this process. Thread-safe."""
 
     def __init__(self, data_dir: str | Path, catalog_url: str | None = None, *,
-                 search_threads: int = 4):
+                 search_threads: int = 4, clock: Callable[[], float] = time.time,
+                 reap_interval: float | None = 1.0):
+        """clock: seconds, for session expiry (tests inject one); reap_interval:
+        how often a background thread deletes expired sessions (None: never,
+        call reap_expired() yourself)."""
         self.data_dir = Path(data_dir).resolve()
         (self.data_dir / "banks").mkdir(parents=True, exist_ok=True)
         self.catalog_url = catalog_url or f"sqlite:///{self.data_dir / 'catalog.db'}"
@@ -48,13 +57,38 @@ class LocalMemory:
         self._pool = ThreadPoolExecutor(search_threads, thread_name_prefix="memoryd-search")
         self._started = time.time()
         self._closed = False
+        self.stacks = StackLog()
+        self.sessions = SessionManager(self, clock)
         self._open_all()
+        self.sessions.load()
+        self._stop = threading.Event()
+        self._reaper = None
+        if reap_interval:
+            self._reaper = threading.Thread(target=self._reap_loop, args=(reap_interval,),
+                                            name="memoryd-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.reap_expired()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one bad pass
+                log.exception("session reaper pass failed")
+
+    def reap_expired(self) -> int:
+        """Delete expired sessions now; returns how many."""
+        return self.sessions.reap()
 
     # ---- open / close ------------------------------------------------------------
     def _open_all(self) -> None:
         storages = self.catalog.storages()
         for info in self.catalog.list_banks():
-            bank = new_bank(self._bank_path(storages[info.name]), info.spec).open()
+            spec = info.spec
+            if spec.tier == "gpu" and fx.num_gpus() == 0:  # e.g. a data dir moved to a CPU host
+                log.warning("bank %s: tier gpu but this host has no GPU; opening it in ram", info.name)
+                spec = spec.with_(tier="ram")
+                self.catalog.update_bank(info.name, tier="ram")
+            bank = new_bank(self._bank_path(storages[info.name]), spec).open()
             bank.frozen = info.frozen
             self._banks[info.name] = bank
             self.catalog.reconcile(info.name, bank.nbytes(), bank.count)
@@ -69,6 +103,9 @@ class LocalMemory:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join()
         for bank in list(self._banks.values()):
             with bank.lock.write():
                 bank.checkpoint()
@@ -86,9 +123,15 @@ class LocalMemory:
 
     def _bank(self, name: str) -> Bank:
         try:
-            return self._banks[name]
+            bank = self._banks[name]
         except KeyError:
             raise NotFound(f"no bank named '{name}'") from None
+        if bank.spec.kind == "session" and self.sessions.expired(name):
+            raise NotFound(f"no bank named '{name}' (its session expired)")
+        return bank
+
+    def bank_path(self, name: str) -> Path:
+        return self._bank(name).path
 
     # ---- bank admin --------------------------------------------------------------
     def create_bank(self, spec: BankSpec) -> BankInfo:
@@ -112,10 +155,29 @@ class LocalMemory:
         return self.bank_info(spec.name)
 
     def bank_info(self, name: str) -> BankInfo:
-        return self.catalog.bank(name)
+        return self._with_tiers(self.catalog.bank(name))
 
     def list_banks(self, tenant: str | None = None) -> list[BankInfo]:
-        return self.catalog.list_banks(tenant)
+        return [self._with_tiers(i) for i in self.catalog.list_banks(tenant)]
+
+    def _with_tiers(self, info: BankInfo) -> BankInfo:
+        bank = self._banks.get(info.name)
+        return info if bank is None else replace(info, tier_bytes=bank.tier_bytes())
+
+    def set_tier(self, name: str, tier: str) -> BankInfo:
+        """Move a live bank between ram, mmap and gpu (see memoryd.tiers)."""
+        b = self._bank(name)
+        if tier not in api.TIERS:
+            raise InvalidArgument(f"tier must be one of {', '.join(api.TIERS)}; got {tier!r}")
+        if tier == "gpu" and fx.num_gpus() == 0:
+            raise FailedPrecondition(
+                "tier gpu needs a CUDA device and faiss-gpu (pip install 'memoryd[gpu]'); "
+                "this host has none: use ram or mmap")
+        with b.lock.write():
+            if b.spec.tier != tier:
+                b.set_tier(tier)
+                self.catalog.update_bank(name, tier=tier)
+        return self.bank_info(name)
 
     def delete_bank(self, name: str) -> int:
         with self._admin:
@@ -137,10 +199,29 @@ class LocalMemory:
             return info
 
     def set_quota(self, name: str, quota_bytes: int | None) -> BankInfo:
+        """Raise at once; lower below usage only for a fifo bank (which evicts)."""
         if quota_bytes is not None and quota_bytes < 0:
             raise InvalidArgument(f"quota must not be negative; got {quota_bytes}")
-        self._bank(name)
-        return self.catalog.set_quota(name, quota_bytes)
+        b = self._bank(name)
+        with b.lock.write():
+            used = b.nbytes()
+            if quota_bytes is not None and used > quota_bytes:
+                if b.spec.eviction != "fifo":
+                    raise FailedPrecondition(
+                        f"bank '{name}' uses {format_size(used)} ({used} B): a quota of "
+                        f"{format_size(quota_bytes)} ({quota_bytes} B) is below that; remove "
+                        "memories first (or use eviction=fifo)")
+                self._evict_oldest(b, used - quota_bytes)
+            return self.catalog.set_quota(name, quota_bytes)
+
+    def _evict_oldest(self, b: Bank, nbytes: int) -> int:
+        """fifo: remove the oldest rows (smallest ids) until nbytes are free."""
+        rows = min(b.count, -(-nbytes // b.row_bytes()))
+        oldest = np.sort(np.concatenate([s.store.ids.data for s in b.shards]))[:rows]
+        before = b.nbytes()
+        removed = b.remove(oldest)
+        self.catalog.release(b.spec.name, before - b.nbytes(), removed, op="evict")
+        return removed
 
     # ---- writes ------------------------------------------------------------------
     def _writable(self, name: str) -> Bank:
@@ -173,9 +254,8 @@ class LocalMemory:
             new_ids = b.new_ids(len(k), given)
             was_trained = b.trained
             template = b.trained_template(k)
-            before = b.nbytes()
-            delta = b.nbytes(b.count + len(k), template) - before
-            self.catalog.reserve(bank, delta, len(k))       # QuotaExceeded: nothing written
+            delta = b.nbytes(b.count + len(k), template) - b.nbytes()
+            self._reserve(b, delta, len(k))                 # QuotaExceeded: nothing written
             try:
                 b.add(new_ids, k, v, template)
             except BaseException:
@@ -184,6 +264,17 @@ class LocalMemory:
             if b.trained and not was_trained:
                 self.catalog.update_bank(bank, trained=True)
         return new_ids
+
+    def _reserve(self, b: Bank, delta: int, items: int) -> None:
+        """Reserve bytes for an add; a fifo bank first makes room by evicting."""
+        try:
+            self.catalog.reserve(b.spec.name, delta, items)
+        except QuotaExceeded as e:
+            room = e.used + e.requested - e.limit
+            if b.spec.eviction != "fifo" or delta - b.nbytes(0) + b.nbytes() < room:
+                raise  # reject, or the batch cannot fit even with the bank emptied
+            self._evict_oldest(b, room)
+            self.catalog.reserve(b.spec.name, delta, items)
 
     def update_values(self, bank: str, ids: Any, values: Any) -> int:
         b = self._bank(bank)
@@ -205,42 +296,53 @@ class LocalMemory:
             return removed
 
     # ---- reads -------------------------------------------------------------------
-    def search(self, banks: str | Sequence[str], queries: Any, k: int,
-               values: bool = True, keys: bool = False) -> SearchResult:
-        names = api.bank_list(banks)
+    def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
+               values: bool = True, keys: bool = False, *, client: str = "local") -> SearchResult:
+        stack = api.bank_list(banks)
         k = api.check_k(k)
-        chosen = [self._bank(n) for n in names]
-        first = chosen[0].spec
-        for b in chosen[1:]:
-            if (b.spec.dim, b.spec.metric) != (first.dim, first.metric):
+        chosen = [self._bank(b.name) for b in stack]   # excluded banks must exist too
+        active = [i for i, b in enumerate(stack) if b.include]
+        first = chosen[active[0]].spec
+        for i in active[1:]:
+            spec = chosen[i].spec
+            if (spec.dim, spec.metric) != (first.dim, first.metric):
                 raise InvalidArgument(
                     f"banks of one search must share dim and metric: '{first.name}' is "
-                    f"{first.dim}-d {first.metric}, '{b.spec.name}' is {b.spec.dim}-d {b.spec.metric}")
-        vdt = _common_values(chosen) if values else None
-        values = vdt is not None
+                    f"{first.dim}-d {first.metric}, '{spec.name}' is {spec.dim}-d {spec.metric}")
+        vdt = _common_values([chosen[i] for i in active]) if values else None
         q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
-        with ExitStack() as stack:
-            for b in sorted(chosen, key=lambda b: b.spec.name):
-                stack.enter_context(b.lock.read())
-            return self._search_locked(chosen, q, k, first.metric, values, keys, vdt)
+        self.stacks.record(client, [b.name for b in stack])
+        self.sessions.touch([b.name for b in stack])
+        with ExitStack() as locks:
+            for i in sorted(active, key=lambda i: stack[i].name):
+                locks.enter_context(chosen[i].lock.read())
+            return self._search_locked(
+                [(i, chosen[i], stack[i]) for i in active], q, k, first.metric, vdt, keys)
 
-    def _search_locked(self, chosen: list[Bank], q: np.ndarray, k: int, metric: str,
-                       values: bool, keys: bool, vdt) -> SearchResult:
-        jobs = [(bi, si) for bi, b in enumerate(chosen) for si in range(b.spec.shards)]
-        if len(jobs) == 1:
-            parts = [chosen[0].search_shard(0, q, k)]
-        else:
-            parts = list(self._pool.map(lambda j: chosen[j[0]].search_shard(j[1], q, k), jobs))
-        dist, ids, src = merge_topk(parts, [bi for bi, _ in jobs], k, metric)
-        if len(chosen) == 1:  # gather straight into the result, no scatter
-            _, out_k, out_v = chosen[0].gather(ids, keys=keys, values=values, out_values_dtype=vdt)
+    def _search_locked(self, active: list[tuple[int, Bank, BankQuery]], q: np.ndarray, k: int,
+                       metric: str, vdt, keys: bool) -> SearchResult:
+        """One top-k over the active banks of a stack (positions kept), with gathers."""
+        jobs = [(pos, b, opt, si) for pos, b, opt in active for si in range(b.spec.shards)]
+
+        def run(job):
+            pos, b, opt, si = job
+            dist, ids = b.search_shard(si, q, opt.k or k)                 # (nq, k_b)
+            if opt.bias:  # in the bank's favour: larger ip, smaller l2
+                dist = np.where(ids >= 0, dist + (opt.bias if metric == "ip" else -opt.bias), dist)
+            return dist, ids
+
+        parts = [run(jobs[0])] if len(jobs) == 1 else list(self._pool.map(run, jobs))
+        dist, ids, src = merge_topk(parts, [pos for pos, *_ in jobs], k, metric)
+        values = vdt is not None
+        if len(active) == 1:  # gather straight into the result, no scatter
+            _, out_k, out_v = active[0][1].gather(ids, keys=keys, values=values, out_values_dtype=vdt)
             return SearchResult(ids=ids, scores=dist, bank=src, values=out_v, keys=out_k)
         nq = len(q)
-        value_dim = max(b.spec.value_dim for b in chosen)
+        value_dim = max(b.spec.value_dim for _, b, _ in active)
         out_v = np.zeros((nq, k, value_dim), vdt) if values else None
-        out_k = np.zeros((nq, k, chosen[0].spec.dim), np.float32) if keys else None
-        for bi, b in enumerate(chosen):
-            sel = src == bi
+        out_k = np.zeros((nq, k, active[0][1].spec.dim), np.float32) if keys else None
+        for pos, b, _ in active:
+            sel = src == pos
             if not sel.any():
                 continue
             _, kk, vv = b.gather(ids[sel], keys=keys, values=values and b.spec.value_dim > 0,
@@ -277,7 +379,54 @@ class LocalMemory:
         return Stats(version=memoryd.__version__, data_dir=str(self.data_dir),
                      catalog_url=_redact(self.catalog_url), uptime_s=time.time() - self._started,
                      banks=banks, used_bytes=sum(b.used_bytes for b in banks),
-                     num_gpus=fx.num_gpus())
+                     num_gpus=fx.num_gpus(), stacks=self.stacks.snapshot(),
+                     tenants=self.list_tenants())
+
+    # ---- sessions (memoryd.sessions) ---------------------------------------------------
+    def open_session(self, spec: SessionSpec) -> SessionInfo:
+        return self.sessions.open(spec)
+
+    def append(self, session_id: str, keys: Any, values: Any = None, scores: Any = None) -> np.ndarray:
+        return self.sessions.append(session_id, keys, values, scores)
+
+    def session_info(self, session_id: str) -> SessionInfo:
+        return self.sessions.info(session_id)
+
+    def list_sessions(self, tenant: str | None = None) -> list[SessionInfo]:
+        return self.sessions.list(tenant)
+
+    def extend_session(self, session_id: str, ttl_idle_s: float | None = None,
+                       ttl_absolute_s: float | None = None) -> SessionInfo:
+        return self.sessions.extend(session_id, ttl_idle_s, ttl_absolute_s)
+
+    def close_session(self, session_id: str) -> int:
+        return self.sessions.close(session_id)
+
+    def promote_session(self, session_id: str, target: str, *, ids: Any = None,
+                        min_score: float | None = None, dedup: float | None = None,
+                        move: bool = False) -> PromoteResult:
+        return self.sessions.promote(session_id, target, ids, min_score, dedup, move)
+
+    # ---- tenants -------------------------------------------------------------------------
+    def set_tenant_quota(self, tenant: str, quota_bytes: int | None) -> TenantInfo:
+        if not api._name_ok(tenant):
+            raise InvalidArgument(f"bad tenant name {tenant!r}")
+        if quota_bytes is not None and (not api._int_ok(quota_bytes) or quota_bytes < 0):
+            raise InvalidArgument(f"quota must be a non-negative number of bytes; got {quota_bytes!r}")
+        self.catalog.set_tenant_quota(tenant, quota_bytes)
+        return self.tenant_info(tenant)
+
+    def tenant_info(self, tenant: str) -> TenantInfo:
+        row = self.catalog.tenant(tenant)
+        tiers: dict[str, int] = {}
+        for info in self.list_banks(tenant):
+            for tier, n in info.tier_bytes.items():
+                tiers[tier] = tiers.get(tier, 0) + n
+        return TenantInfo(name=tenant, quota_bytes=row["quota_bytes"], used_bytes=int(row["used_bytes"]),
+                          banks=row["banks"], sessions=row["sessions"], tier_bytes=tiers)
+
+    def list_tenants(self) -> list[TenantInfo]:
+        return [self.tenant_info(t) for t in self.catalog.tenant_names()]
 
 
 def new_bank(path: Path, spec: BankSpec) -> "Bank | ProductKeyBank":

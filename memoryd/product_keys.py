@@ -144,6 +144,16 @@ class ProductKeyBank:
         del mm
         return int(found.sum())
 
+    def tier_bytes(self) -> dict[str, int]:
+        disk = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return {"ram": self.nbytes(), "disk": disk}
+
+    def set_tier(self, tier: str) -> None:
+        if tier != "ram":
+            raise FailedPrecondition(
+                f"bank '{self.spec.name}' has product keys: its sub-keys are tiny and live in "
+                "RAM; only tier ram is offered")
+
     def checksum(self) -> str:
         h = hashlib.sha256(json.dumps([self.n, self.seed, self.spec.dim]).encode())
         if self.values is not None:

@@ -66,6 +66,13 @@ class _Column:
         self._buf = np.array(rows, self.dtype)
         self.n = len(self._buf)
 
+    def map(self, path: Path, n: int) -> None:
+        """Read rows straight from the file (read-only, paged in on demand)."""
+        shape = (n, self.width) if self.width else (n,)
+        self._buf = (np.memmap(path, dtype=self.dtype, mode="r", shape=shape) if n
+                     else np.empty(shape, self.dtype))
+        self.n = n
+
 
 class ShardStore:
     def __init__(self, path: Path, dim: int, value_dim: int, value_dtype: np.dtype):
@@ -75,6 +82,7 @@ class ShardStore:
         self.keys = _Column(dim, np.float32)
         self.values = _Column(value_dim, value_dtype) if value_dim else None
         self.state = {"generation": 0, "rows": 0, "index_rows": 0}
+        self.mapped = False    # tier mmap: columns read from the files, not RAM copies
         # sorted view of ids for vectorised id -> row lookups
         self._sorted_ids = np.empty(0, np.int64)
         self._sorted_rows = np.empty(0, np.int64)
@@ -99,11 +107,15 @@ class ShardStore:
             self._file(name).touch()
         atomic_write_json(self.path / STATE, self.state)
 
-    def load(self) -> None:
+    def load(self, mapped: bool = False) -> None:
         """Read state and rows; bytes past the acknowledged rows are dropped."""
         self.state = json.loads((self.path / STATE).read_text())
+        self.mapped = mapped
         n = self.state["rows"]
         for name, col in self._columns():
+            if mapped:
+                col.map(self._file(name), n)
+                continue
             shape = (n, col.width) if col.width else (n,)
             count = int(np.prod(shape))
             raw = np.fromfile(self._file(name), dtype=col.dtype, count=count)
@@ -130,13 +142,17 @@ class ShardStore:
                 f.seek(start * arr[:1].nbytes if len(arr) else 0)
                 f.write(np.ascontiguousarray(arr).tobytes())
                 f.truncate()
-        for (_, col), (_, arr) in zip(self._columns(), parts):
-            col.append(arr)
+        for (name, col), (_, arr) in zip(self._columns(), parts):
+            if self.mapped:
+                col.map(self._file(name), start + len(arr))
+            else:
+                col.append(arr)
         self._index_new_ids(ids, start)
         self.save_state(rows=self.rows)
 
     def update_values(self, rows: np.ndarray, values: np.ndarray) -> None:
-        self.values.data[rows] = values
+        if not self.mapped:  # a mapped column sees the file's new bytes by itself
+            self.values.data[rows] = values
         mm = np.memmap(self._file("values"), dtype=self.values.dtype, mode="r+",
                        shape=(self.rows, self.value_dim))
         mm[rows] = values
@@ -154,6 +170,8 @@ class ShardStore:
         for name, col in self._columns():
             col.replace(col.data[keep])
             col.data.tofile(self._file(name, new))
+            if self.mapped:
+                col.map(self._file(name, new), col.n)
         index_writer(self.index_file(new))
         self.save_state(generation=new, rows=self.rows, index_rows=self.rows)
         for name, _ in self._columns():
@@ -212,6 +230,9 @@ class ShardStore:
 
     def nbytes(self) -> int:
         return sum(col.data.nbytes for _, col in self._columns())
+
+    def disk_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
 
     def delete_files(self) -> None:
         for p in self.path.glob("*"):

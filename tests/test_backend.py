@@ -626,8 +626,11 @@ def test_quota_enforced_at_admission(mem, make_bank):
     ids = mem.add(spec.name, keys, vals)
     assert len(ids) == 100
     assert used(mem, spec.name) == before.used_bytes + e.requested
-    # deletes are always allowed, even over quota
-    mem.set_quota(spec.name, 1)
+    # a quota below usage is refused (the bank is not fifo), and a full bank
+    # still takes deletes
+    with pytest.raises(errors.FailedPrecondition, match="below"):
+        mem.set_quota(spec.name, 1)
+    assert mem.bank_info(spec.name).spec.quota_bytes == mem.bank_info(spec.name).used_bytes
     assert mem.remove(spec.name, ids[:10]) == 10
 
 

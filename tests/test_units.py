@@ -334,8 +334,15 @@ def test_check_k():
 
 
 def test_bank_list():
-    assert api.bank_list("a") == ["a"]
-    assert api.bank_list(("a", "b")) == ["a", "b"]
+    Q = api.BankQuery
+    assert api.bank_list("a") == [Q("a")]
+    assert api.bank_list(("a", Q("b", k=3, bias=0.5))) == [Q("a"), Q("b", k=3, bias=0.5)]
+    with pytest.raises(errors.InvalidArgument, match="excluded"):
+        api.bank_list([Q("a", include=False)])
+    with pytest.raises(errors.InvalidArgument, match="k must"):
+        api.bank_list([Q("a", k=0)])
+    with pytest.raises(errors.InvalidArgument, match="bias"):
+        api.bank_list([Q("a", bias=float("nan"))])
     with pytest.raises(errors.InvalidArgument, match="at least one"):
         api.bank_list([])
     with pytest.raises(errors.InvalidArgument, match="twice"):

@@ -1,0 +1,276 @@
+"""Sessions: short-term memory written during inference.
+
+A session owns one bank of kind "session" (a small Flat index of its own,
+named by the session id), so ending a session drops a whole bank: no
+remove_ids on a big index (DESIGN lesson 7). Expiry has two clocks: idle
+(since the last append or search naming the session) and absolute (since it
+opened). An expired session vanishes from reads at once (its bank answers
+NOT_FOUND); the reaper then deletes it and its bytes return to the quota.
+
+Per-memory scores (e.g. how much attention a memory drew) may ride along
+with appends; `promote` can select by them.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from memoryd import api, faults
+from memoryd.api import BankSpec, PromoteResult, SessionInfo, SessionSpec
+from memoryd.arrays import id_vector, to_numpy
+from memoryd.errors import FailedPrecondition, InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from memoryd.local import LocalMemory
+
+SESSION_ID = re.compile(r"^s-[0-9a-f]{16}$")
+SCORES = "scores.bin"   # (id int64, score float32) records beside the session's bank
+_SCORE_REC = np.dtype([("id", "<i8"), ("score", "<f4")])
+
+
+class SessionManager:
+    def __init__(self, mem: "LocalMemory", clock: Callable[[], float]):
+        self.mem, self.clock = mem, clock
+        self._lock = threading.Lock()
+        self._rows: dict[str, dict] = {}       # session id -> catalog row (cached)
+        self._scores: dict[str, list[np.ndarray]] = {}
+
+    # ---- start-up ---------------------------------------------------------------
+    def load(self) -> None:
+        """Cache sessions; drop halves left by a crash (bank or row without the other).
+
+        Only banks named like session ids count: a session-kind bank made
+        with create_bank is the caller's own and is left alone.
+        """
+        banks = {b.name for b in self.mem.catalog.list_banks()
+                 if b.spec.kind == "session" and SESSION_ID.match(b.name)}
+        for row in self.mem.catalog.all_sessions():
+            if row["id"] in banks:
+                self._rows[row["id"]] = row
+            else:
+                self.mem.catalog.drop_session(row["id"])
+        for orphan in banks - set(self._rows):
+            self.mem.delete_bank(orphan)
+        for sid in self._rows:
+            path = self._scores_path(sid)
+            if path.exists():
+                recs = np.fromfile(path, _SCORE_REC)
+                self._scores[sid] = [recs]
+
+    # ---- life cycle ----------------------------------------------------------------
+    def open(self, spec: SessionSpec) -> SessionInfo:
+        ttl_idle = api.check_ttl(spec.ttl_idle_s, "ttl_idle_s")
+        ttl_abs = api.check_ttl(spec.ttl_absolute_s, "ttl_absolute_s")
+        sid = f"s-{uuid.uuid4().hex[:16]}"
+        self.mem.create_bank(BankSpec(
+            name=sid, dim=spec.dim, value_dim=spec.value_dim, kind="session",
+            value_dtype=spec.value_dtype, metric=spec.metric, index="Flat",
+            quota_bytes=spec.quota_bytes, tenant=spec.tenant, eviction=spec.eviction))
+        now = self.clock()
+        self.mem.catalog.add_session(sid, spec.tenant, ttl_idle, ttl_abs, now)
+        with self._lock:
+            self._rows[sid] = self.mem.catalog.session(sid)
+        return self.info(sid)
+
+    def close(self, sid: str) -> int:
+        self._row(sid, alive=False)
+        return self._drop(sid)
+
+    def _drop(self, sid: str) -> int:
+        with self._lock:
+            self._rows.pop(sid, None)
+            self._scores.pop(sid, None)
+        self.mem.catalog.drop_session(sid)   # first: a crash now leaves an orphan bank, reaped on open
+        try:
+            return self.mem.delete_bank(sid)
+        except NotFound:
+            return 0
+
+    def extend(self, sid: str, ttl_idle_s: float | None, ttl_absolute_s: float | None) -> SessionInfo:
+        """Reset the idle clock; a new idle TTL replaces the old one, a new
+        absolute TTL counts from now."""
+        row = self._row(sid)
+        now = self.clock()
+        fields: dict[str, Any] = {"last_used_at": now}
+        if ttl_idle_s is not None:
+            fields["ttl_idle_s"] = api.check_ttl(ttl_idle_s, "ttl_idle_s")
+        if ttl_absolute_s is not None:
+            fields["ttl_absolute_s"] = now - row["created_at"] + api.check_ttl(ttl_absolute_s, "ttl_absolute_s")
+        self.mem.catalog.update_session(sid, **fields)
+        with self._lock:
+            self._rows[sid] = {**row, **fields}
+        return self.info(sid)
+
+    # ---- time ----------------------------------------------------------------------
+    @staticmethod
+    def deadline(row: dict) -> float | None:
+        ends = []
+        if row["ttl_idle_s"] is not None:
+            ends.append(row["last_used_at"] + row["ttl_idle_s"])
+        if row["ttl_absolute_s"] is not None:
+            ends.append(row["created_at"] + row["ttl_absolute_s"])
+        return min(ends) if ends else None
+
+    def expired(self, sid: str) -> bool:
+        row = self._rows.get(sid)
+        end = None if row is None else self.deadline(row)
+        return end is not None and self.clock() >= end
+
+    def touch(self, names: list[str]) -> None:
+        """A search or append used these sessions: restart their idle clocks."""
+        now = self.clock()
+        with self._lock:
+            for name in names:
+                row = self._rows.get(name)
+                if row is not None and not self.expired(name):
+                    row["last_used_at"] = now     # persisted by reap() and on append
+
+    def reap(self) -> int:
+        """Delete expired sessions (their bytes return to the quotas); persist idle clocks."""
+        reaped = 0
+        for sid in list(self._rows):
+            if self.expired(sid):
+                self._drop(sid)
+                reaped += 1
+            elif sid in self._rows:
+                self.mem.catalog.update_session(sid, last_used_at=self._rows[sid]["last_used_at"])
+        return reaped
+
+    # ---- reads of the session table ---------------------------------------------------
+    def _row(self, sid: str, alive: bool = True) -> dict:
+        row = self._rows.get(sid)
+        if row is None or (alive and self.expired(sid)):
+            raise NotFound(f"no session '{sid}'" + (" (it expired)" if row is not None else ""))
+        return row
+
+    def info(self, sid: str) -> SessionInfo:
+        row = self._row(sid)
+        return SessionInfo(
+            session_id=sid, tenant=row["tenant"], created_at=row["created_at"],
+            last_used_at=row["last_used_at"], expires_at=self.deadline(row),
+            ttl_idle_s=row["ttl_idle_s"], ttl_absolute_s=row["ttl_absolute_s"],
+            bank=self.mem.bank_info(sid))
+
+    def list(self, tenant: str | None = None) -> list[SessionInfo]:
+        out = []
+        for sid in sorted(self._rows, key=lambda s: self._rows[s]["created_at"]):
+            row = self._rows.get(sid)
+            if row is not None and not self.expired(sid) and tenant in (None, row["tenant"]):
+                try:
+                    out.append(self.info(sid))
+                except NotFound:   # closed meanwhile
+                    pass
+        return out
+
+    # ---- writes ----------------------------------------------------------------------
+    def append(self, sid: str, keys: Any, values: Any, scores: Any) -> np.ndarray:
+        self._row(sid)
+        n = len(to_numpy(keys))
+        sc = None
+        if scores is not None:
+            sc = to_numpy(scores).astype(np.float32).reshape(-1)
+            if len(sc) != n:
+                raise InvalidArgument(f"got {n} keys but {len(sc)} scores")
+            if not np.isfinite(sc).all():
+                raise InvalidArgument("scores contain NaN or Inf")
+        ids = self.mem.add(sid, keys, values)
+        now = self.clock()
+        with self._lock:
+            if sid in self._rows:
+                self._rows[sid]["last_used_at"] = now
+        self.mem.catalog.update_session(sid, last_used_at=now)
+        if sc is not None:
+            recs = np.empty(n, _SCORE_REC)
+            recs["id"], recs["score"] = ids, sc
+            with open(self._scores_path(sid), "ab") as f:
+                f.write(recs.tobytes())
+            self._scores.setdefault(sid, []).append(recs)
+        return ids
+
+    def _scores_path(self, sid: str) -> Path:
+        return self.mem.bank_path(sid) / SCORES
+
+    def scores_of(self, sid: str, ids: np.ndarray) -> np.ndarray:
+        """Scores of ids (NaN where an append gave none)."""
+        parts = self._scores.get(sid)
+        out = np.full(len(ids), np.nan, np.float32)
+        if parts:
+            recs = np.concatenate(parts)
+            order = np.argsort(recs["id"], kind="stable")
+            sorted_ids, sorted_scores = recs["id"][order], recs["score"][order]
+            pos = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+            hit = sorted_ids[pos] == ids
+            out[hit] = sorted_scores[pos[hit]]
+        return out
+
+    # ---- promotion -------------------------------------------------------------------
+    def promote(self, sid: str, target: str, ids: Any, min_score: float | None,
+                dedup: float | None, move: bool) -> PromoteResult:
+        """Copy (or move) session memories into a domain bank: all of them or none.
+
+        The add to the target is one bank add (atomic across its shards, and
+        its bytes reserved in the same catalog transaction as usual); with
+        move, the promoted rows then leave the session. A crash between the
+        two leaves them in both places: never in neither.
+        """
+        self._row(sid)
+        src, dst = self.mem.bank_info(sid).spec, self.mem.bank_info(target).spec
+        if dst.kind != "domain":
+            raise FailedPrecondition(f"sessions promote into domain banks; '{target}' is a {dst.kind} bank")
+        if (src.dim, src.value_dim, src.metric) != (dst.dim, dst.value_dim, dst.metric):
+            raise InvalidArgument(
+                f"session '{sid}' ({src.dim}-d keys, {src.value_dim}-d values, {src.metric}) does not "
+                f"fit bank '{target}' ({dst.dim}-d, {dst.value_dim}-d, {dst.metric})")
+        if dedup is not None and not 0 < dedup <= 1:
+            raise InvalidArgument(f"dedup is a cosine similarity in (0, 1]; got {dedup}")
+        chunks = list(self.mem.export(sid))
+        all_ids = np.concatenate([c.ids for c in chunks]) if chunks else np.empty(0, np.int64)
+        keep = np.ones(len(all_ids), bool)
+        if ids is not None:
+            wanted = id_vector(ids, allow_empty=True)
+            missing = np.setdiff1d(wanted, all_ids)
+            if len(missing):
+                raise NotFound(f"session '{sid}' has no memories with ids {missing[:5].tolist()}")
+            keep &= np.isin(all_ids, wanted)
+        if min_score is not None:
+            keep &= self.scores_of(sid, all_ids) >= min_score      # NaN (no score) fails
+        sel_ids = all_ids[keep]
+        keys = np.concatenate([c.keys for c in chunks])[keep] if chunks else np.empty((0, src.dim), np.float32)
+        vals = (np.concatenate([c.values for c in chunks])[keep]
+                if chunks and src.value_dim else None)
+        duplicates = 0
+        if dedup is not None and len(sel_ids):
+            unique = _dedup_mask(keys, dedup, self.mem, target)
+            duplicates = int((~unique).sum())
+            sel_ids, keys = sel_ids[unique], keys[unique]
+            vals = vals[unique] if vals is not None else None
+        faults.point("promote:selected")
+        target_ids = (self.mem.add(target, keys, vals) if len(sel_ids)
+                      else np.empty(0, np.int64))
+        faults.point("promote:added")
+        if move and len(sel_ids):
+            self.mem.remove(sid, sel_ids)
+        return PromoteResult(promoted=len(target_ids), duplicates=duplicates,
+                             target_ids=target_ids, source_ids=sel_ids, moved=move)
+
+
+def _dedup_mask(keys: np.ndarray, threshold: float, mem: "LocalMemory", target: str) -> np.ndarray:
+    """True for keys to keep: no kept key before it, nor any key already in
+    the target bank, has cosine similarity >= threshold with it."""
+    unit = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+    keep = np.ones(len(keys), bool)
+    if mem.bank_info(target).count:
+        near = mem.search(target, keys, 1, values=False, keys=True).keys[:, 0]      # (n, d)
+        near = near / np.maximum(np.linalg.norm(near, axis=1, keepdims=True), 1e-12)
+        keep &= (unit * near).sum(1) < threshold
+    sims = unit @ unit.T                                                            # (n, n)
+    for i in range(len(keys)):        # greedy, in append order: the first of a group stays
+        if keep[i]:
+            later = np.arange(i + 1, len(keys))
+            keep[later[sims[i, i + 1:] >= threshold]] = False
+    return keep
