@@ -1,5 +1,6 @@
 """knnlayer: the model-side half: memory backends and the KNN attention layer."""
-from memoryd.api import BankInfo, BankSpec, GetResult, MemoryBackend, SearchResult, Stats
+from memoryd.api import (BankInfo, BankQuery, BankSpec, GetResult, MemoryBackend, PromoteResult,
+                         SearchResult, SessionInfo, SessionSpec, Stats, TenantInfo)
 
 
 def __getattr__(name):  # lazy: importing the layer must not start gRPC or faiss
@@ -15,5 +16,6 @@ def __getattr__(name):  # lazy: importing the layer must not start gRPC or faiss
     raise AttributeError(name)
 
 
-__all__ = ["BankInfo", "KNNAttention", "KNNAttentionConfig", "BankSpec", "GetResult", "LocalMemory", "MemoryBackend",
+__all__ = ["BankInfo", "BankQuery", "KNNAttention", "KNNAttentionConfig", "PromoteResult",
+           "SessionInfo", "SessionSpec", "TenantInfo", "BankSpec", "GetResult", "LocalMemory", "MemoryBackend",
            "MemoryClient", "SearchResult", "Stats"]

@@ -263,6 +263,7 @@ class LocalMemory:
                 raise
             if b.trained and not was_trained:
                 self.catalog.update_bank(bank, trained=True)
+        self.sessions.touch([bank])  # a write to a session bank is use, too
         return new_ids
 
     def _reserve(self, b: Bank, delta: int, items: int) -> None:
