@@ -15,12 +15,17 @@ wire carries their dtype (float32/float16/bfloat16) and as float32 otherwise
 (e.g. float64); the server casts values to the bank's value dtype, exactly as
 LocalMemory does, and validates everything (shapes, dims, NaN, ...), so the
 messages are the same from both backends.
+
+The client names itself to the daemon (metadata `x-memoryd-client`, default
+"<hostname>:<pid>"), so the daemon's Stats.stacks says who searched what.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import itertools
+import os
+import socket
 from typing import Any, Callable, Iterator, Sequence
 
 import grpc
@@ -65,7 +70,7 @@ def map_rpc_error(e: grpc.RpcError, address: str) -> errors.MemoryError:
         m = info.metadata
         try:
             return errors.QuotaExceeded(m["bank"], int(m["used"]), int(m["limit"]),
-                                        int(m["requested"]))
+                                        int(m["requested"]), scope=m.get("scope", "bank"))
         except (KeyError, ValueError):
             cls = None                      # malformed details: fall back to the code
     if cls is None or cls.code != name:
@@ -115,8 +120,12 @@ def _as_values(x: Any) -> np.ndarray:
     return a
 
 
-def _as_ids(x: Any) -> np.ndarray:
+def _as_ids(x: Any, what: str = "ids") -> np.ndarray:
     a = to_numpy(x)
+    if a.size == 0:                          # e.g. [] (float64): no values to lose
+        return a.astype(np.int64)
+    if a.dtype == np.uint64 and a.max() > np.iinfo(np.int64).max:   # would wrap
+        raise errors.InvalidArgument(f"{what} must fit in int64; got {int(a.max())}")
     if a.dtype.kind in "iu" and a.dtype != np.int64:
         a = a.astype(np.int64)
     return a
@@ -170,6 +179,27 @@ def _opt(blocks: list[np.ndarray]) -> np.ndarray | None:
     return _cat(blocks) if blocks else None
 
 
+def _client_name(name: str | None) -> str:
+    """The x-memoryd-client value: printable ASCII (what gRPC metadata carries)."""
+    if name is None:
+        name = f"{socket.gethostname()}:{os.getpid()}"
+        return "".join(c if " " <= c <= "~" else "?" for c in name)
+    if not isinstance(name, str) or not 1 <= len(name) <= 256 \
+            or not all(" " <= c <= "~" for c in name):
+        raise errors.InvalidArgument(
+            f"client_name must be 1-256 printable ASCII characters; got {name!r}")
+    return name
+
+
+def _opt_float(x: Any, what: str) -> float | None:
+    """None, or x as a float for a proto3 `optional double` (the server validates it)."""
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise errors.InvalidArgument(f"{what} must be a number or None; got {x!r}")
+    return float(x)
+
+
 def _rows(c: api.ExportChunk, s: slice) -> api.ExportChunk:
     return api.ExportChunk(ids=c.ids[s], keys=c.keys[s],
                            values=None if c.values is None else c.values[s])
@@ -186,9 +216,12 @@ def _join(chunks: list[api.ExportChunk]) -> api.ExportChunk:
 class MemoryClient:
     """A MemoryBackend that talks to memoryd over gRPC."""
 
-    def __init__(self, address: str, *, timeout: float | None = None, wait_ready: float = 10.0):
+    def __init__(self, address: str, *, timeout: float | None = None, wait_ready: float = 10.0,
+                 client_name: str | None = None):
         self.address = address
         self.timeout = timeout
+        self.client_name = _client_name(client_name)
+        self._metadata = ((wire.CLIENT_METADATA, self.client_name),)
         self._channel = grpc.insecure_channel(wire.grpc_target(address), options=wire.CHANNEL_OPTIONS)
         self._stub = pb_grpc.MemoryStub(self._channel)
         # Search replies are read by fastwire: zero-copy views of the message
@@ -218,9 +251,14 @@ class MemoryClient:
     def __repr__(self) -> str:
         return f"MemoryClient({self.address!r})"
 
+    @property
+    def _opts(self) -> dict[str, Any]:
+        """Keyword arguments of every call: the timeout and who is calling."""
+        return {"timeout": self.timeout, "metadata": self._metadata}
+
     @_mapped
     def ping(self, payload: bytes = b"") -> bytes:
-        return self._stub.Ping(pb.PingRequest(payload=payload), timeout=self.timeout).payload
+        return self._stub.Ping(pb.PingRequest(payload=payload), **self._opts).payload
 
     # -- banks
     @_mapped
@@ -229,31 +267,39 @@ class MemoryClient:
         # unknown kind or metric would arrive unset and become the default.
         spec.validated()
         req = pb.CreateBankRequest(spec=wire.spec_to_pb(spec))
-        return wire.info_from_pb(self._stub.CreateBank(req, timeout=self.timeout))
+        return wire.info_from_pb(self._stub.CreateBank(req, **self._opts))
 
     @_mapped
     def bank_info(self, name: str) -> api.BankInfo:
-        return wire.info_from_pb(self._stub.GetBank(pb.BankRef(name=name), timeout=self.timeout))
+        return wire.info_from_pb(self._stub.GetBank(pb.BankRef(name=name), **self._opts))
 
     @_mapped
     def list_banks(self, tenant: str | None = None) -> list[api.BankInfo]:
-        reply = self._stub.ListBanks(pb.ListBanksRequest(tenant=tenant or ""), timeout=self.timeout)
+        reply = self._stub.ListBanks(pb.ListBanksRequest(tenant=tenant or ""), **self._opts)
         return [wire.info_from_pb(b) for b in reply.banks]
 
     @_mapped
     def delete_bank(self, name: str) -> int:
-        return self._stub.DeleteBank(pb.BankRef(name=name), timeout=self.timeout).released_bytes
+        return self._stub.DeleteBank(pb.BankRef(name=name), **self._opts).released_bytes
 
     @_mapped
     def freeze_bank(self, name: str) -> api.BankInfo:
-        return wire.info_from_pb(self._stub.FreezeBank(pb.BankRef(name=name), timeout=self.timeout))
+        return wire.info_from_pb(self._stub.FreezeBank(pb.BankRef(name=name), **self._opts))
 
     @_mapped
     def set_quota(self, name: str, quota_bytes: int | None) -> api.BankInfo:
         if quota_bytes is not None and quota_bytes < 0:   # -1 means unlimited on the wire
             raise errors.InvalidArgument(f"quota must not be negative; got {quota_bytes}")
         req = pb.SetQuotaRequest(name=name, quota_bytes=wire.quota_to_pb(quota_bytes))
-        return wire.info_from_pb(self._stub.SetQuota(req, timeout=self.timeout))
+        return wire.info_from_pb(self._stub.SetQuota(req, **self._opts))
+
+    @_mapped
+    def set_tier(self, name: str, tier: str) -> api.BankInfo:
+        if not isinstance(tier, str):   # any string travels; the daemon names a bad one
+            raise errors.InvalidArgument(
+                f"tier must be one of {', '.join(api.TIERS)}; got {tier!r}")
+        req = pb.SetTierRequest(name=name, tier=tier)
+        return wire.info_from_pb(self._stub.SetTier(req, **self._opts))
 
     # -- data
     @_mapped
@@ -264,7 +310,7 @@ class MemoryClient:
 
         requests = (pb.AddRequest(bank=bank if i == 0 else "", **_encoded(c))
                     for i, c in enumerate(_row_chunks(arrays)))
-        reply = self._stub.Add(_started(requests), timeout=self.timeout)
+        reply = self._stub.Add(_started(requests), **self._opts)
         return wire.decode(reply.ids, "ids").copy()
 
     @_mapped
@@ -273,23 +319,29 @@ class MemoryClient:
 
         requests = (pb.UpdateValuesRequest(bank=bank if i == 0 else "", **_encoded(c))
                     for i, c in enumerate(_row_chunks(arrays)))
-        return self._stub.UpdateValues(_started(requests), timeout=self.timeout).updated
+        return self._stub.UpdateValues(_started(requests), **self._opts).updated
 
     @_mapped
     def remove(self, bank: str, ids: Any) -> int:
         req = pb.RemoveRequest(bank=bank, ids=_encode(_as_ids(ids), "ids"))
-        return self._stub.Remove(req, timeout=self.timeout).removed
+        return self._stub.Remove(req, **self._opts).removed
 
     @_mapped
-    def search(self, banks: str | Sequence[str], queries: Any, k: int,
-               values: bool = True, keys: bool = False) -> api.SearchResult:
-        names = [banks] if isinstance(banks, str) else list(banks)
-        k = api.check_k(k)   # the shared check: a bad k must not reach int32 packing
-        req = pb.SearchRequest(banks=names, queries=_encode(_as_float32(queries), "queries"), k=k,
-                               values=values, keys=keys)
+    def search(self, banks: str | api.BankQuery | Sequence[str | api.BankQuery], queries: Any,
+               k: int, values: bool = True, keys: bool = False) -> api.SearchResult:
+        # The shared checks: a bad k or stack must not reach int32/double packing.
+        stack = api.bank_list(banks)
+        k = api.check_k(k)
+        queries = _encode(_as_float32(queries), "queries")
+        if wire.is_plain(stack):   # the common case, and what older daemons understand
+            req = pb.SearchRequest(banks=[q.name for q in stack], queries=queries, k=k,
+                                   values=values, keys=keys)
+        else:
+            req = pb.SearchRequest(stack=[wire.bank_query_to_pb(q) for q in stack],
+                                   queries=queries, k=k, values=values, keys=keys)
         blocks: dict[str, list[np.ndarray]] = {f: [] for f in ("ids", "scores", "bank",
                                                                "values", "keys")}
-        for msg in self._search(req, timeout=self.timeout):
+        for msg in self._search(req, **self._opts):
             self._check_offset(msg.get("offset", 0), blocks["ids"], "Search")
             for f in blocks:
                 if f in msg:
@@ -303,7 +355,7 @@ class MemoryClient:
         req = pb.GetRequest(bank=bank, ids=_encode(_as_ids(ids), "ids"), values=values,
                             keys=keys)
         blocks: dict[str, list[np.ndarray]] = {"found": [], "values": [], "keys": []}
-        for msg in self._stub.Get(req, timeout=self.timeout):
+        for msg in self._stub.Get(req, **self._opts):
             self._check_offset(msg.offset, blocks["found"], "Get")
             for f in blocks:
                 if msg.HasField(f):
@@ -322,7 +374,7 @@ class MemoryClient:
                 or chunk_rows <= 0:      # 0 would mean "server default" on the wire
             raise errors.InvalidArgument(f"chunk_rows must be positive; got {chunk_rows}")
         call = self._stub.Export(pb.ExportRequest(bank=bank, chunk_rows=chunk_rows),
-                                 timeout=self.timeout)
+                                 **self._opts)
         first = next(call, None)
         return self._export_rest(call, first, chunk_rows)
 
@@ -345,7 +397,78 @@ class MemoryClient:
 
     @_mapped
     def stats(self) -> api.Stats:
-        return wire.stats_from_pb(self._stub.Stats(pb.StatsRequest(), timeout=self.timeout))
+        return wire.stats_from_pb(self._stub.Stats(pb.StatsRequest(), **self._opts))
+
+    # -- sessions
+    @_mapped
+    def open_session(self, spec: api.SessionSpec) -> api.SessionInfo:
+        req = pb.OpenSessionRequest(spec=wire.session_spec_to_pb(spec))
+        return wire.session_from_pb(self._stub.OpenSession(req, **self._opts))
+
+    @_mapped
+    def append(self, session_id: str, keys: Any, values: Any = None,
+               scores: Any = None) -> np.ndarray:
+        arrays = {"keys": _as_float32(keys),
+                  "values": None if values is None else _as_values(values),
+                  "scores": None if scores is None else _as_float32(scores)}
+
+        requests = (pb.AppendRequest(session_id=session_id if i == 0 else "", **_encoded(c))
+                    for i, c in enumerate(_row_chunks(arrays)))
+        reply = self._stub.Append(_started(requests), **self._opts)
+        return wire.decode(reply.ids, "ids").copy()
+
+    @_mapped
+    def session_info(self, session_id: str) -> api.SessionInfo:
+        req = pb.SessionRef(session_id=session_id)
+        return wire.session_from_pb(self._stub.GetSession(req, **self._opts))
+
+    @_mapped
+    def list_sessions(self, tenant: str | None = None) -> list[api.SessionInfo]:
+        reply = self._stub.ListSessions(pb.ListSessionsRequest(tenant=tenant or ""), **self._opts)
+        return [wire.session_from_pb(s) for s in reply.sessions]
+
+    @_mapped
+    def extend_session(self, session_id: str, ttl_idle_s: float | None = None,
+                       ttl_absolute_s: float | None = None) -> api.SessionInfo:
+        req = pb.ExtendSessionRequest(
+            session_id=session_id, ttl_idle_s=_opt_float(ttl_idle_s, "ttl_idle_s"),
+            ttl_absolute_s=_opt_float(ttl_absolute_s, "ttl_absolute_s"))
+        return wire.session_from_pb(self._stub.ExtendSession(req, **self._opts))
+
+    @_mapped
+    def close_session(self, session_id: str) -> int:
+        req = pb.SessionRef(session_id=session_id)
+        return self._stub.CloseSession(req, **self._opts).released_bytes
+
+    @_mapped
+    def promote_session(self, session_id: str, target: str, *, ids: Any = None,
+                        min_score: float | None = None, dedup: float | None = None,
+                        move: bool = False) -> api.PromoteResult:
+        req = pb.PromoteSessionRequest(
+            session_id=session_id, target=target,
+            ids=None if ids is None else _encode(_as_ids(ids), "ids"),
+            min_score=_opt_float(min_score, "min_score"), dedup=_opt_float(dedup, "dedup"),
+            move=bool(move))
+        return wire.promote_from_pb(self._stub.PromoteSession(req, **self._opts))
+
+    # -- tenants
+    @_mapped
+    def set_tenant_quota(self, tenant: str, quota_bytes: int | None) -> api.TenantInfo:
+        # -1 means unlimited on the wire, and int64 carries no fractions: check here
+        if quota_bytes is not None and (not api.int_ok(quota_bytes) or quota_bytes < 0):
+            raise errors.InvalidArgument(
+                f"quota must be a non-negative number of bytes; got {quota_bytes!r}")
+        req = pb.SetTenantQuotaRequest(tenant=tenant, quota_bytes=wire.quota_to_pb(quota_bytes))
+        return wire.tenant_from_pb(self._stub.SetTenantQuota(req, **self._opts))
+
+    @_mapped
+    def tenant_info(self, tenant: str) -> api.TenantInfo:
+        return wire.tenant_from_pb(self._stub.GetTenant(pb.TenantRef(name=tenant), **self._opts))
+
+    @_mapped
+    def list_tenants(self) -> list[api.TenantInfo]:
+        reply = self._stub.ListTenants(pb.ListTenantsRequest(), **self._opts)
+        return [wire.tenant_from_pb(t) for t in reply.tenants]
 
     # -- helpers
     @staticmethod

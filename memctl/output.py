@@ -6,12 +6,13 @@ import datetime as _dt
 import json
 import math
 import struct
+import time
 from dataclasses import asdict
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from memoryd.api import BankInfo, Stats
+from memoryd.api import BankInfo, SessionInfo, Stats, TenantInfo
 from memoryd.sizes import format_size
 
 
@@ -31,6 +32,51 @@ def duration(seconds: float) -> str:
     while len(parts) > 1 and parts[0][0] == 0:
         parts.pop(0)
     return " ".join(f"{v}{u}" for v, u in parts[:3])
+
+
+def span(seconds: float | None, parts: int = 2) -> str:
+    """A compact duration: 1800 -> '30m', 5400 -> '1h 30m', 90 -> '1m 30s'; None -> '-'."""
+    if seconds is None:
+        return "-"
+    s = int(round(max(0.0, seconds)))
+    out = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        v, s = divmod(s, size)
+        if v or (out and len(out) < parts):
+            out.append((v, unit))
+        if len(out) == parts:
+            break
+    while len(out) > 1 and out[-1][0] == 0:
+        out.pop()
+    return " ".join(f"{v}{u}" for v, u in out) or "0s"
+
+
+def ago(t: float | None, now: float | None = None) -> str:
+    if not t:
+        return "-"
+    return span((now or time.time()) - t) + " ago"
+
+
+def expires_in(t: float | None, now: float | None = None) -> str:
+    if t is None:
+        return "never"
+    left = t - (now or time.time())
+    return span(left) if left > 0 else "expired"
+
+
+TIER_KEYS = ("ram", "disk", "gpu")
+
+
+def tier_bytes(tb: dict[str, int] | None) -> str:
+    """{'ram': 10, 'disk': 2048} -> 'ram 10 B, disk 2.0 KiB, gpu 0 B'; '-' when unknown."""
+    if not tb:
+        return "-"
+    keys = list(TIER_KEYS) + sorted(k for k in tb if k not in TIER_KEYS)
+    return ", ".join(f"{k} {format_size(int(tb.get(k, 0)))}" for k in keys)
+
+
+def _tier_cells(tb: dict[str, int] | None) -> list[str]:
+    return [format_size(int(tb[k])) if tb and k in tb else "-" for k in TIER_KEYS]
 
 
 def timestamp(t: float) -> str:
@@ -71,9 +117,10 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
     return "\n".join([line(headers)] + [line(r) for r in rows])
 
 
-BANK_COLUMNS = ("NAME", "KIND", "DIM", "VALUES", "METRIC", "INDEX", "SHARDS",
+BANK_COLUMNS = ("NAME", "KIND", "DIM", "VALUES", "METRIC", "INDEX", "SHARDS", "TIER",
                 "COUNT", "USED", "QUOTA", "FROZEN")
-_BANK_RIGHT = ("DIM", "SHARDS", "COUNT", "USED", "QUOTA", "USE%")
+_BANK_RIGHT = ("DIM", "SHARDS", "COUNT", "USED", "QUOTA", "USE%", "RAM", "DISK", "GPU",
+               "BANKS", "SESSIONS", "SEARCHES")
 
 
 def bank_table(banks: Sequence[BankInfo]) -> str:
@@ -82,7 +129,7 @@ def bank_table(banks: Sequence[BankInfo]) -> str:
     rows = []
     for b in banks:
         s = b.spec
-        row = [s.name, s.kind, s.dim, values_desc(b), s.metric, s.index, s.shards,
+        row = [s.name, s.kind, s.dim, values_desc(b), s.metric, s.index, s.shards, s.tier,
                count(b.count), format_size(b.used_bytes), format_size(s.quota_bytes),
                "yes" if b.frozen else "no"]
         rows.append(([s.tenant] if with_tenant else []) + row)
@@ -100,12 +147,69 @@ def bank_block(b: BankInfo) -> str:
         ("quota", format_size(s.quota_bytes) if s.quota_bytes is None
          else f"{format_size(s.quota_bytes)} ({s.quota_bytes} B, "
               f"{percent(b.used_bytes, s.quota_bytes)} used)"),
+        ("eviction", s.eviction), ("tier", s.tier), ("tier bytes", tier_bytes(b.tier_bytes)),
         ("frozen", "yes" if b.frozen else "no"), ("trained", "yes" if b.trained else "no"),
         ("checksum", b.checksum or "-"),
         ("created", timestamp(b.created_at)), ("updated", timestamp(b.updated_at)),
     ]
+    return block(fields)
+
+
+def block(fields: Sequence[tuple[str, Any]]) -> str:
     width = max(len(k) for k, _ in fields) + 1
     return "\n".join(f"{k + ':':<{width}} {v}" for k, v in fields)
+
+
+# ---- sessions and tenants ------------------------------------------------------
+
+def _used_of(used: int, quota: int | None) -> str:
+    if quota is None:
+        return f"{format_size(used)} (no quota)"
+    return f"{format_size(used)} of {format_size(quota)} ({percent(used, quota)})"
+
+
+def session_table(sessions: Sequence[SessionInfo], now: float | None = None) -> str:
+    rows = [[x.session_id, x.tenant, x.bank.spec.dim, count(x.bank.count),
+             format_size(x.bank.used_bytes), format_size(x.bank.spec.quota_bytes),
+             span(x.ttl_idle_s), span(x.ttl_absolute_s), ago(x.last_used_at, now),
+             expires_in(x.expires_at, now)] for x in sessions]
+    return table(("SESSION", "TENANT", "DIM", "COUNT", "USED", "QUOTA", "IDLE-TTL", "TTL",
+                  "LAST USED", "EXPIRES IN"), rows, right=("DIM", "COUNT", "USED", "QUOTA"))
+
+
+def session_block(x: SessionInfo, now: float | None = None) -> str:
+    b, s = x.bank, x.bank.spec
+    return block([
+        ("session", x.session_id), ("tenant", x.tenant), ("dim", s.dim),
+        ("values", values_desc(b)), ("metric", s.metric), ("count", count(b.count)),
+        ("used", _used_of(b.used_bytes, s.quota_bytes)), ("eviction", s.eviction),
+        ("created", timestamp(x.created_at)),
+        ("last used", f"{timestamp(x.last_used_at)} ({ago(x.last_used_at, now)})"),
+        ("idle ttl", span(x.ttl_idle_s)), ("ttl", span(x.ttl_absolute_s)),
+        ("expires in", expires_in(x.expires_at, now)
+         + (f" (at {timestamp(x.expires_at)})" if x.expires_at else "")),
+    ])
+
+
+def tenant_table(tenants: Sequence[TenantInfo]) -> str:
+    rows = [[t.name, format_size(t.quota_bytes), format_size(t.used_bytes),
+             percent(t.used_bytes, t.quota_bytes), *_tier_cells(t.tier_bytes), t.banks,
+             t.sessions] for t in tenants]
+    return table(("TENANT", "QUOTA", "USED", "USE%", "RAM", "DISK", "GPU", "BANKS", "SESSIONS"),
+                 rows, right=_BANK_RIGHT)
+
+
+def tenant_block(t: TenantInfo) -> str:
+    return block([("tenant", t.name), ("quota", format_size(t.quota_bytes)),
+                  ("used", _used_of(t.used_bytes, t.quota_bytes)),
+                  ("tier bytes", tier_bytes(t.tier_bytes)), ("banks", t.banks),
+                  ("sessions", t.sessions)])
+
+
+def stack_table(stacks, now: float | None = None) -> str:
+    rows = [[u.client, ",".join(u.banks), count(u.searches), ago(u.last_used_at, now)]
+            for u in stacks]
+    return table(("CLIENT", "STACK", "SEARCHES", "LAST USED"), rows, right=("SEARCHES",))
 
 
 def status_text(st: Stats, backend_desc: str) -> str:
@@ -131,7 +235,17 @@ def status_text(st: Stats, backend_desc: str) -> str:
                      percent(st.used_bytes, total_quota), ""])
         out += "\n\n" + table(("TENANT", "BANK", "KIND", "COUNT", "USED", "QUOTA", "USE%",
                                "FROZEN"), rows, right=_BANK_RIGHT)
+    tenants = getattr(st, "tenants", None) or []
+    if tenants:
+        out += "\n\ntenants:\n" + _indent(tenant_table(tenants))
+    stacks = getattr(st, "stacks", None) or []
+    if stacks:
+        out += "\n\nbank stacks searched (most recent first):\n" + _indent(stack_table(stacks))
     return out
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + ln for ln in text.splitlines())
 
 
 def status_dict(st: Stats, backend_desc: str) -> dict[str, Any]:

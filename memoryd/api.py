@@ -31,6 +31,7 @@ from memoryd.errors import InvalidArgument
 KINDS = ("base", "domain", "session")
 METRICS = ("l2", "ip")
 TIERS = ("ram", "mmap", "gpu")         # where a bank's index and rows live
+TIER_BYTE_KEYS = ("ram", "disk", "gpu")  # what BankInfo/TenantInfo.tier_bytes count
 EVICTIONS = ("reject", "fifo")         # what a write over quota does
 MAX_K = 4096          # largest k one search may ask for
 MAX_SHARDS = 64
@@ -56,13 +57,13 @@ class BankSpec:
 
     def validated(self) -> "BankSpec":
         """Self, or InvalidArgument naming the first bad field."""
-        if not _name_ok(self.name):
+        if not name_ok(self.name):
             raise InvalidArgument(
                 f"bad bank name {self.name!r}: use 1-64 letters, digits, '_', '-', '.', "
                 "starting with a letter or digit")
-        if not _int_ok(self.dim) or not 1 <= self.dim <= 65536:
+        if not int_ok(self.dim) or not 1 <= self.dim <= 65536:
             raise InvalidArgument(f"dim must be an integer in 1..65536; got {self.dim!r}")
-        if not _int_ok(self.value_dim) or not 0 <= self.value_dim <= 65536:
+        if not int_ok(self.value_dim) or not 0 <= self.value_dim <= 65536:
             raise InvalidArgument(f"value_dim must be an integer in 0..65536; got {self.value_dim!r}")
         if self.kind not in KINDS:
             raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
@@ -71,13 +72,13 @@ class BankSpec:
         if self.value_dtype not in VALUE_DTYPES:
             raise InvalidArgument(
                 f"value dtype must be one of {', '.join(VALUE_DTYPES)}; got {self.value_dtype!r}")
-        if not _int_ok(self.shards) or not 1 <= self.shards <= MAX_SHARDS:
+        if not int_ok(self.shards) or not 1 <= self.shards <= MAX_SHARDS:
             raise InvalidArgument(f"shards must be in 1..{MAX_SHARDS}; got {self.shards!r}")
-        if self.quota_bytes is not None and (not _int_ok(self.quota_bytes) or self.quota_bytes < 0):
+        if self.quota_bytes is not None and (not int_ok(self.quota_bytes) or self.quota_bytes < 0):
             raise InvalidArgument(f"quota must be a non-negative number of bytes; got {self.quota_bytes!r}")
         if not isinstance(self.index, str) or not self.index:
             raise InvalidArgument("index spec must be a non-empty faiss index_factory string")
-        if not _name_ok(self.tenant):
+        if not name_ok(self.tenant):
             raise InvalidArgument(f"bad tenant name {self.tenant!r}")
         if self.tier not in TIERS:
             raise InvalidArgument(f"tier must be one of {', '.join(TIERS)}; got {self.tier!r}")
@@ -90,12 +91,16 @@ class BankSpec:
         return replace(self, **changes)
 
 
-def _name_ok(name: Any) -> bool:
+def name_ok(name: Any) -> bool:
     return isinstance(name, str) and BANK_NAME.fullmatch(name) is not None
 
 
-def _int_ok(n: Any) -> bool:
+def int_ok(n: Any) -> bool:
     return isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -152,6 +157,19 @@ class SessionSpec:
     quota_bytes: int | None = None
     eviction: str = "reject"               # fifo: oldest memories leave to make room
 
+    def bank_spec(self, name: str) -> BankSpec:
+        """The spec of the session's own bank (a small Flat index)."""
+        return BankSpec(name=name, dim=self.dim, value_dim=self.value_dim, kind="session",
+                        value_dtype=self.value_dtype, metric=self.metric, index="Flat",
+                        quota_bytes=self.quota_bytes, tenant=self.tenant, eviction=self.eviction)
+
+    def validated(self) -> "SessionSpec":
+        """Self, or InvalidArgument naming the first bad field (TTLs, then the bank's)."""
+        check_ttl(self.ttl_idle_s, "ttl_idle_s")
+        check_ttl(self.ttl_absolute_s, "ttl_absolute_s")
+        self.bank_spec("s-0000000000000000").validated()
+        return self
+
 
 @dataclass(frozen=True)
 class SessionInfo:
@@ -177,6 +195,10 @@ class PromoteResult:
     target_ids: np.ndarray                 # (promoted,) ids in the target bank
     source_ids: np.ndarray                 # (promoted,) their ids in the session
     moved: bool                            # True: removed from the session
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"promoted": self.promoted, "duplicates": self.duplicates, "moved": self.moved,
+                "target_ids": self.target_ids.tolist(), "source_ids": self.source_ids.tolist()}
 
 
 @dataclass(frozen=True)
@@ -273,6 +295,9 @@ class MemoryBackend(Protocol):
     def list_sessions(self, tenant: str | None = None) -> list[SessionInfo]: ...
     def extend_session(self, session_id: str, ttl_idle_s: float | None = None,
                        ttl_absolute_s: float | None = None) -> SessionInfo: ...
+    # extend: the idle clock restarts; None keeps a TTL; a new idle TTL replaces
+    # the old; a new absolute TTL counts from now (ttl_absolute_s then reads
+    # the time already lived plus the new value)
     def close_session(self, session_id: str) -> int: ...              # released bytes
     def promote_session(self, session_id: str, target: str, *, ids: Any = None,
                         min_score: float | None = None, dedup: float | None = None,
@@ -298,8 +323,8 @@ def bank_list(banks: str | BankQuery | Sequence[str | BankQuery]) -> list[BankQu
     for b in stack:
         if b.k is not None:
             check_k(b.k)
-        if not np.isfinite(b.bias):
-            raise InvalidArgument(f"bias of bank '{b.name}' must be finite; got {b.bias}")
+        if not is_number(b.bias) or not np.isfinite(b.bias):
+            raise InvalidArgument(f"bias of bank '{b.name}' must be a finite number; got {b.bias!r}")
     if not any(b.include for b in stack):
         raise InvalidArgument("every bank of the search is excluded: include at least one")
     return stack
@@ -308,8 +333,7 @@ def bank_list(banks: str | BankQuery | Sequence[str | BankQuery]) -> list[BankQu
 def check_ttl(value: Any, what: str) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
-            or not np.isfinite(value):
+    if not is_number(value) or not value > 0 or not np.isfinite(value):
         raise InvalidArgument(f"{what} must be a positive number of seconds or None; got {value!r}")
     return float(value)
 

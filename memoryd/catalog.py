@@ -21,7 +21,7 @@ from sqlalchemy import event
 
 from memoryd.api import BankInfo, BankSpec
 from memoryd.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded
-from memoryd.sizes import format_size
+from memoryd.sizes import describe_size
 
 metadata = sa.MetaData()
 
@@ -206,7 +206,7 @@ class Catalog:
             if not self._tenant_delta(c, tenant, nbytes):
                 t = c.execute(sa.select(tenants.c.used_bytes, tenants.c.quota_bytes)
                               .where(tenants.c.name == tenant)).first()
-                raise QuotaExceeded(f"tenant:{tenant}", int(t[0]), int(t[1]), nbytes)
+                raise QuotaExceeded(tenant, int(t[0]), int(t[1]), nbytes, scope="tenant")
             self._log(c, name, tenant, op, nbytes, items)
 
     def release(self, name: str, nbytes: int, items: int, op: str = "release") -> None:
@@ -245,9 +245,9 @@ class Catalog:
             if c.execute(tenants.update().where(*cond).values(quota_bytes=quota_bytes)).rowcount == 0:
                 used = c.execute(sa.select(t.used_bytes).where(t.name == tenant)).scalar_one()
                 raise FailedPrecondition(
-                    f"tenant '{tenant}' uses {format_size(used)} ({used} B): a quota of "
-                    f"{format_size(quota_bytes)} ({quota_bytes} B) is below that; delete banks "
-                    "or close sessions first")
+                    f"tenant '{tenant}' uses {describe_size(used)}: a quota of "
+                    f"{describe_size(quota_bytes)} is below that; delete banks or close "
+                    "sessions first")
 
     def tenant(self, tenant: str) -> dict:
         with self.engine.connect() as c:

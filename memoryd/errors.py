@@ -51,24 +51,21 @@ class NeedsTraining(FailedPrecondition):
 
 
 class QuotaExceeded(MemoryError):
-    """A write would take a bank's usage above its quota."""
+    """A write would take a bank's (or its tenant's) usage above its quota."""
 
     code = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, bank: str, used: int, limit: int, requested: int):
+    def __init__(self, bank: str, used: int, limit: int, requested: int, scope: str = "bank"):
+        from memoryd.sizes import describe_size
+
         self.bank, self.used, self.limit, self.requested = bank, used, limit, requested
-        from memoryd.sizes import format_size
-
-        def both(n: int) -> str:  # '1.9 MiB (1968000 B)', or just '90 B'
-            human = format_size(n)
-            return human if human == f"{n} B" else f"{human} ({n} B)"
-
+        self.scope = scope  # "bank", or "tenant" (then `bank` names the tenant)
         super().__init__(
-            f"quota exceeded for bank '{bank}': used {both(used)} + requested "
-            f"{both(requested)} > limit {both(limit)}")
+            f"quota exceeded for {scope} '{bank}': used {describe_size(used)} + requested "
+            f"{describe_size(requested)} > limit {describe_size(limit)}")
 
     def __reduce__(self):
-        return (type(self), (self.bank, self.used, self.limit, self.requested))
+        return (type(self), (self.bank, self.used, self.limit, self.requested, self.scope))
 
 
 class Unavailable(MemoryError):

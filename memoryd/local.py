@@ -32,7 +32,7 @@ from memoryd.product_keys import ProductKeyBank, is_product_keys
 from memoryd.catalog import Catalog
 from memoryd.errors import BankFrozen, FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from memoryd.sessions import SessionManager
-from memoryd.sizes import format_size
+from memoryd.sizes import describe_size
 from memoryd.stacks import StackLog
 from memoryd.topk import merge_topk
 
@@ -106,6 +106,7 @@ class LocalMemory:
         self._stop.set()
         if self._reaper is not None:
             self._reaper.join()
+        self.sessions.flush()
         for bank in list(self._banks.values()):
             with bank.lock.write():
                 bank.checkpoint()
@@ -131,7 +132,11 @@ class LocalMemory:
         return bank
 
     def bank_path(self, name: str) -> Path:
-        return self._bank(name).path
+        """The bank's folder, expired session or not (the session manager's files live there)."""
+        try:
+            return self._banks[name].path
+        except KeyError:
+            raise NotFound(f"no bank named '{name}'") from None
 
     # ---- bank admin --------------------------------------------------------------
     def create_bank(self, spec: BankSpec) -> BankInfo:
@@ -208,9 +213,9 @@ class LocalMemory:
             if quota_bytes is not None and used > quota_bytes:
                 if b.spec.eviction != "fifo":
                     raise FailedPrecondition(
-                        f"bank '{name}' uses {format_size(used)} ({used} B): a quota of "
-                        f"{format_size(quota_bytes)} ({quota_bytes} B) is below that; remove "
-                        "memories first (or use eviction=fifo)")
+                        f"bank '{name}' uses {describe_size(used)}: a quota of "
+                        f"{describe_size(quota_bytes)} is below that; remove memories first "
+                        "(or use eviction=fifo)")
                 self._evict_oldest(b, used - quota_bytes)
             return self.catalog.set_quota(name, quota_bytes)
 
@@ -272,7 +277,7 @@ class LocalMemory:
             self.catalog.reserve(b.spec.name, delta, items)
         except QuotaExceeded as e:
             room = e.used + e.requested - e.limit
-            if b.spec.eviction != "fifo" or delta - b.nbytes(0) + b.nbytes() < room:
+            if b.spec.eviction != "fifo" or room > b.nbytes() - b.nbytes(0):
                 raise  # reject, or the batch cannot fit even with the bank emptied
             self._evict_oldest(b, room)
             self.catalog.reserve(b.spec.name, delta, items)
@@ -410,9 +415,9 @@ class LocalMemory:
 
     # ---- tenants -------------------------------------------------------------------------
     def set_tenant_quota(self, tenant: str, quota_bytes: int | None) -> TenantInfo:
-        if not api._name_ok(tenant):
+        if not api.name_ok(tenant):
             raise InvalidArgument(f"bad tenant name {tenant!r}")
-        if quota_bytes is not None and (not api._int_ok(quota_bytes) or quota_bytes < 0):
+        if quota_bytes is not None and (not api.int_ok(quota_bytes) or quota_bytes < 0):
             raise InvalidArgument(f"quota must be a non-negative number of bytes; got {quota_bytes!r}")
         self.catalog.set_tenant_quota(tenant, quota_bytes)
         return self.tenant_info(tenant)

@@ -12,10 +12,14 @@ codes in one place, `_rpc`:
   * anything else is a bug: it is logged with its traceback and answered
     INTERNAL, and the daemon keeps serving.
 
-Streams: Add and UpdateValues are client-streaming; their chunks are
-concatenated and applied with one backend call, so a write is all or
+Streams: Add, Append and UpdateValues are client-streaming; their chunks
+are concatenated and applied with one backend call, so a write is all or
 nothing. Search, Get and Export are server-streaming; replies are cut into
 messages of about wire.CHUNK_BYTES.
+
+Clients name themselves in the metadata `x-memoryd-client` (else the peer
+address stands in); Search hands that name to backends whose search takes a
+`client` keyword, so Stats.stacks can say who searched which stack.
 """
 from __future__ import annotations
 
@@ -47,10 +51,10 @@ def _details_status(err: errors.MemoryError) -> status_pb2.Status:
     details: list[any_pb2.Any] = []
     if isinstance(err, errors.QuotaExceeded):
         metadata = {"bank": err.bank, "used": str(err.used), "limit": str(err.limit),
-                    "requested": str(err.requested)}
+                    "requested": str(err.requested), "scope": err.scope}
         failure = error_details_pb2.QuotaFailure(violations=[
             error_details_pb2.QuotaFailure.Violation(
-                subject=f"bank:{err.bank}",
+                subject=f"{err.scope}:{err.bank}",
                 description=f"used {err.used} B + requested {err.requested} B "
                             f"> limit {err.limit} B")])
         details.append(_pack(failure))
@@ -149,20 +153,27 @@ def _concat(parts: list[np.ndarray], what: str) -> np.ndarray:
 
 
 def _collect(requests: Iterable, rpc: str, required: tuple[str, ...],
-             optional: tuple[str, ...]) -> tuple[str, dict[str, np.ndarray | None]]:
-    """Read a client stream: (bank, {field: concatenated rows or None})."""
+             optional: tuple[str, ...], target: str = "bank"
+             ) -> tuple[str, dict[str, np.ndarray | None]]:
+    """Read a client stream: (bank, {field: concatenated rows or None}).
+
+    `target` is the field that names what the stream writes to ("bank", or
+    "session_id" for Append).
+    """
     bank = None
+    noun = target.removesuffix("_id")
     parts: dict[str, list[np.ndarray]] = {f: [] for f in required + optional}
     n = 0
     for n, msg in enumerate(requests, 1):
+        name = getattr(msg, target)
         if bank is None:
-            if not msg.bank:
-                raise InvalidArgument(f"{rpc}: the first message must name the bank")
-            bank = msg.bank
-        elif msg.bank and msg.bank != bank:
+            if not name:
+                raise InvalidArgument(f"{rpc}: the first message must name the {noun}")
+            bank = name
+        elif name and name != bank:
             raise InvalidArgument(
-                f"{rpc}: message {n - 1} names bank '{msg.bank}' but the stream "
-                f"is for bank '{bank}'")
+                f"{rpc}: message {n - 1} names {noun} '{name}' but the stream "
+                f"is for {noun} '{bank}'")
         for f in required:
             parts[f].append(_required(msg, f, f"{f} (message {n - 1})"))
         for f in optional:
@@ -178,6 +189,23 @@ def _collect(requests: Iterable, rpc: str, required: tuple[str, ...],
                 "send it in every message or in none")
         out[f] = _concat(chunks, f) if chunks else None
     return bank, out
+
+
+def _client_name(context: grpc.ServicerContext) -> str:
+    """Who is calling: the x-memoryd-client metadata, else the peer address."""
+    for key, value in context.invocation_metadata() or ():
+        if key == wire.CLIENT_METADATA and value:
+            return value
+    return context.peer()
+
+
+def _takes_client(backend) -> bool:
+    """Whether backend.search accepts a `client` keyword."""
+    try:
+        params = inspect.signature(backend.search).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+    return "client" in params
 
 
 def _row_bytes(*arrays: np.ndarray | None) -> int:
@@ -200,6 +228,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     def __init__(self, backend: api.MemoryBackend):
         self.backend = backend
+        self._search_takes_client = _takes_client(backend)   # inspected once
 
     # banks
     @_rpc
@@ -228,6 +257,10 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         info = self.backend.set_quota(request.name, wire.quota_from_pb(request.quota_bytes))
         return wire.info_to_pb(info)
 
+    @_rpc
+    def SetTier(self, request, context):
+        return wire.info_to_pb(self.backend.set_tier(request.name, request.tier))
+
     # data
     @_rpc
     def Add(self, request_iterator, context):
@@ -249,8 +282,11 @@ class MemoryServicer(pb_grpc.MemoryServicer):
     @_rpc
     def Search(self, request, context) -> Iterator[pb.SearchResponse]:
         queries = _required(request, "queries", "queries")
-        r = self.backend.search(list(request.banks), queries, request.k,
-                                values=request.values, keys=request.keys)
+        banks = ([wire.bank_query_from_pb(q) for q in request.stack] if request.stack
+                 else list(request.banks))
+        extra = {"client": _client_name(context)} if self._search_takes_client else {}
+        r = self.backend.search(banks, queries, request.k, values=request.values,
+                                keys=request.keys, **extra)
         rows = _row_bytes(r.ids, r.scores, r.bank, r.values, r.keys)
         for s in wire.chunk_slices(len(r.ids), rows):
             # already serialised (see SEARCH_HANDLER): the reply's arrays are
@@ -279,6 +315,64 @@ class MemoryServicer(pb_grpc.MemoryServicer):
                 if s.stop > s.start:
                     yield pb.ExportChunk(ids=wire.encode(c.ids[s]), keys=wire.encode(c.keys[s]),
                                          values=_maybe(c.values, s))
+
+    # sessions
+    @_rpc
+    def OpenSession(self, request, context):
+        spec = wire.session_spec_from_pb(request.spec)
+        return wire.session_to_pb(self.backend.open_session(spec))
+
+    @_rpc
+    def Append(self, request_iterator, context):
+        session, a = _collect(request_iterator, "Append", ("keys",), ("values", "scores"),
+                              target="session_id")
+        ids = self.backend.append(session, a["keys"], a["values"], a["scores"])
+        return pb.AppendResponse(ids=wire.encode(np.asarray(ids, dtype=np.int64)))
+
+    @_rpc
+    def GetSession(self, request, context):
+        return wire.session_to_pb(self.backend.session_info(request.session_id))
+
+    @_rpc
+    def ListSessions(self, request, context):
+        sessions = self.backend.list_sessions(request.tenant or None)
+        return pb.ListSessionsResponse(sessions=[wire.session_to_pb(s) for s in sessions])
+
+    @_rpc
+    def ExtendSession(self, request, context):
+        info = self.backend.extend_session(
+            request.session_id, ttl_idle_s=wire.optional_from_pb(request, "ttl_idle_s"),
+            ttl_absolute_s=wire.optional_from_pb(request, "ttl_absolute_s"))
+        return wire.session_to_pb(info)
+
+    @_rpc
+    def CloseSession(self, request, context):
+        return pb.CloseSessionResponse(
+            released_bytes=self.backend.close_session(request.session_id))
+
+    @_rpc
+    def PromoteSession(self, request, context):
+        r = self.backend.promote_session(
+            request.session_id, request.target, ids=wire.maybe_decode(request, "ids"),
+            min_score=wire.optional_from_pb(request, "min_score"),
+            dedup=wire.optional_from_pb(request, "dedup"), move=request.move)
+        return wire.promote_to_pb(r)
+
+    # tenants
+    @_rpc
+    def SetTenantQuota(self, request, context):
+        info = self.backend.set_tenant_quota(request.tenant,
+                                             wire.quota_from_pb(request.quota_bytes))
+        return wire.tenant_to_pb(info)
+
+    @_rpc
+    def GetTenant(self, request, context):
+        return wire.tenant_to_pb(self.backend.tenant_info(request.name))
+
+    @_rpc
+    def ListTenants(self, request, context):
+        return pb.ListTenantsResponse(
+            tenants=[wire.tenant_to_pb(t) for t in self.backend.list_tenants()])
 
     # daemon
     @_rpc

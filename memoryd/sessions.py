@@ -24,6 +24,7 @@ from memoryd import api, faults
 from memoryd.api import BankSpec, PromoteResult, SessionInfo, SessionSpec
 from memoryd.arrays import id_vector, to_numpy
 from memoryd.errors import FailedPrecondition, InvalidArgument, NotFound
+from memoryd.faiss_index import faiss
 
 if TYPE_CHECKING:
     from memoryd.local import LocalMemory
@@ -64,15 +65,12 @@ class SessionManager:
 
     # ---- life cycle ----------------------------------------------------------------
     def open(self, spec: SessionSpec) -> SessionInfo:
-        ttl_idle = api.check_ttl(spec.ttl_idle_s, "ttl_idle_s")
-        ttl_abs = api.check_ttl(spec.ttl_absolute_s, "ttl_absolute_s")
+        spec.validated()
         sid = f"s-{uuid.uuid4().hex[:16]}"
-        self.mem.create_bank(BankSpec(
-            name=sid, dim=spec.dim, value_dim=spec.value_dim, kind="session",
-            value_dtype=spec.value_dtype, metric=spec.metric, index="Flat",
-            quota_bytes=spec.quota_bytes, tenant=spec.tenant, eviction=spec.eviction))
+        self.mem.create_bank(spec.bank_spec(sid))
         now = self.clock()
-        self.mem.catalog.add_session(sid, spec.tenant, ttl_idle, ttl_abs, now)
+        self.mem.catalog.add_session(sid, spec.tenant, api.check_ttl(spec.ttl_idle_s, "ttl_idle_s"),
+                                     api.check_ttl(spec.ttl_absolute_s, "ttl_absolute_s"), now)
         with self._lock:
             self._rows[sid] = self.mem.catalog.session(sid)
         return self.info(sid)
@@ -137,9 +135,13 @@ class SessionManager:
             if self.expired(sid):
                 self._drop(sid)
                 reaped += 1
-            elif sid in self._rows:
-                self.mem.catalog.update_session(sid, last_used_at=self._rows[sid]["last_used_at"])
+        self.flush()
         return reaped
+
+    def flush(self) -> None:
+        """Persist the idle clocks that searches moved (they live in memory between passes)."""
+        for sid, row in list(self._rows.items()):
+            self.mem.catalog.update_session(sid, last_used_at=row["last_used_at"])
 
     # ---- reads of the session table ---------------------------------------------------
     def _row(self, sid: str, alive: bool = True) -> dict:
@@ -256,21 +258,29 @@ class SessionManager:
         if move and len(sel_ids):
             self.mem.remove(sid, sel_ids)
         return PromoteResult(promoted=len(target_ids), duplicates=duplicates,
-                             target_ids=target_ids, source_ids=sel_ids, moved=move)
+                             target_ids=target_ids, source_ids=sel_ids, moved=bool(move))
 
 
-def _dedup_mask(keys: np.ndarray, threshold: float, mem: "LocalMemory", target: str) -> np.ndarray:
+def _dedup_mask(keys: np.ndarray, threshold: float, mem: "LocalMemory", target: str,
+                block: int = 1024) -> np.ndarray:
     """True for keys to keep: no kept key before it, nor any key already in
-    the target bank, has cosine similarity >= threshold with it."""
+    the target bank, has cosine similarity >= threshold with it. Greedy in
+    append order (the first of a group stays), in blocks: memory O(block^2)."""
     unit = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+    unit = np.ascontiguousarray(unit, dtype=np.float32)
     keep = np.ones(len(keys), bool)
     if mem.bank_info(target).count:
         near = mem.search(target, keys, 1, values=False, keys=True).keys[:, 0]      # (n, d)
         near = near / np.maximum(np.linalg.norm(near, axis=1, keepdims=True), 1e-12)
         keep &= (unit * near).sum(1) < threshold
-    sims = unit @ unit.T                                                            # (n, n)
-    for i in range(len(keys)):        # greedy, in append order: the first of a group stays
-        if keep[i]:
-            later = np.arange(i + 1, len(keys))
-            keep[later[sims[i, i + 1:] >= threshold]] = False
+    kept = faiss.IndexFlatIP(unit.shape[1])                   # keys kept in earlier blocks
+    for start in range(0, len(unit), block):
+        part, ok = unit[start:start + block], keep[start:start + block]
+        if kept.ntotal:
+            ok &= kept.search(part, 1)[0][:, 0] < threshold
+        sims = part @ part.T                                  # (b, b)
+        for i in range(len(part)):
+            if ok[i]:
+                ok[i + 1:] &= sims[i, i + 1:] < threshold
+        kept.add(part[ok])
     return keep

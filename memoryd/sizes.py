@@ -35,6 +35,12 @@ def parse_size(text: str | int) -> int | None:
     return int(Decimal(m.group(1)) * _UNITS[unit])  # exact: '1.001 kB' is 1001
 
 
+def describe_size(n: int) -> str:
+    """'1.9 MiB (1968000 B)', or just '90 B' where the two would repeat."""
+    human = format_size(n)
+    return human if human == f"{n} B" else f"{human} ({n} B)"
+
+
 def format_size(n: int | None) -> str:
     """Short binary-unit form: 10737418240 -> '10.0 GiB'; None -> 'unlimited'."""
     if n is None:

@@ -24,6 +24,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# call metadata: who is calling ("<host>:<pid>" by default; Stats.stacks shows it)
+CLIENT_METADATA = "x-memoryd-client"
 
 _TO_PB = {
     np.dtype(np.float32): pb.FLOAT32,
@@ -90,7 +92,7 @@ def spec_to_pb(s: api.BankSpec) -> pb.BankSpec:
         value_dim=s.value_dim, value_dtype=_DTYPE_NAME_TO_PB.get(s.value_dtype, 0),
         metric=_METRIC.get(s.metric, pb.METRIC_UNSPECIFIED), index=s.index,
         shards=s.shards, quota_bytes=-1 if s.quota_bytes is None else s.quota_bytes,
-        tenant=s.tenant)
+        tenant=s.tenant, tier=s.tier, eviction=s.eviction)
 
 
 def spec_from_pb(m: pb.BankSpec) -> api.BankSpec:
@@ -104,21 +106,21 @@ def spec_from_pb(m: pb.BankSpec) -> api.BankSpec:
         metric=_METRIC_BACK.get(m.metric, f"metric#{m.metric}") if m.metric else d.metric,
         index=m.index or d.index, shards=m.shards or d.shards,
         quota_bytes=None if m.quota_bytes < 0 else m.quota_bytes,
-        tenant=m.tenant or d.tenant)
+        tenant=m.tenant or d.tenant, tier=m.tier or d.tier, eviction=m.eviction or d.eviction)
 
 
 def info_to_pb(i: api.BankInfo) -> pb.BankInfo:
     return pb.BankInfo(
         spec=spec_to_pb(i.spec), count=i.count, used_bytes=i.used_bytes, frozen=i.frozen,
         trained=i.trained, checksum=i.checksum, created_at=i.created_at,
-        updated_at=i.updated_at)
+        updated_at=i.updated_at, tier_bytes=i.tier_bytes)
 
 
 def info_from_pb(m: pb.BankInfo) -> api.BankInfo:
     return api.BankInfo(
         spec=spec_from_pb(m.spec), count=m.count, used_bytes=m.used_bytes, frozen=m.frozen,
         trained=m.trained, checksum=m.checksum, created_at=m.created_at,
-        updated_at=m.updated_at)
+        updated_at=m.updated_at, tier_bytes=dict(m.tier_bytes))
 
 
 def quota_to_pb(q: int | None) -> int:
@@ -131,18 +133,122 @@ def quota_from_pb(q: int) -> int | None:
     return None if q < 0 else q
 
 
+def optional_from_pb(m, field: str) -> float | None:
+    """A proto3 `optional` scalar: None when unset (so 0 stays a value)."""
+    return getattr(m, field) if m.HasField(field) else None
+
+
+# ---- search stacks -----------------------------------------------------------
+
+def is_plain(stack: list[api.BankQuery]) -> bool:
+    """True when every entry has default options (the stack travels as `banks`)."""
+    return all(q == api.BankQuery(q.name) for q in stack)
+
+
+def bank_query_to_pb(q: api.BankQuery) -> pb.BankQuery:
+    return pb.BankQuery(name=q.name, k=0 if q.k is None else q.k, bias=q.bias,
+                        exclude=not q.include)
+
+
+def bank_query_from_pb(m: pb.BankQuery) -> api.BankQuery:
+    """k 0 = the search's k; a negative k is refused by the backend."""
+    return api.BankQuery(name=m.name, k=m.k or None, bias=m.bias, include=not m.exclude)
+
+
+# ---- sessions ------------------------------------------------------------------
+
+def session_spec_to_pb(s: api.SessionSpec) -> pb.SessionSpec:
+    if not isinstance(s, api.SessionSpec):
+        raise InvalidArgument(f"open_session needs a SessionSpec; got {type(s).__name__}")
+    s.validated()  # an enum or number field cannot carry a bad value: refuse it here
+    return pb.SessionSpec(
+        dim=s.dim, value_dim=s.value_dim, value_dtype=_DTYPE_NAME_TO_PB[s.value_dtype],
+        metric=_METRIC[s.metric], tenant=s.tenant, ttl_idle_s=s.ttl_idle_s,
+        ttl_absolute_s=s.ttl_absolute_s, quota_bytes=quota_to_pb(s.quota_bytes),
+        eviction=s.eviction)
+
+
+def session_spec_from_pb(m: pb.SessionSpec) -> api.SessionSpec:
+    """Unset fields take the interface defaults; bad ones are refused by the backend."""
+    d = api.SessionSpec(dim=m.dim)
+    return api.SessionSpec(
+        dim=m.dim, value_dim=m.value_dim,
+        value_dtype=_PB_TO_DTYPE_NAME.get(m.value_dtype, f"dtype#{m.value_dtype}")
+        if m.value_dtype else d.value_dtype,
+        metric=_METRIC_BACK.get(m.metric, f"metric#{m.metric}") if m.metric else d.metric,
+        tenant=m.tenant or d.tenant, ttl_idle_s=optional_from_pb(m, "ttl_idle_s"),
+        ttl_absolute_s=optional_from_pb(m, "ttl_absolute_s"),
+        quota_bytes=quota_from_pb(m.quota_bytes), eviction=m.eviction or d.eviction)
+
+
+def session_to_pb(i: api.SessionInfo) -> pb.SessionInfo:
+    return pb.SessionInfo(
+        session_id=i.session_id, tenant=i.tenant, created_at=i.created_at,
+        last_used_at=i.last_used_at, expires_at=i.expires_at, ttl_idle_s=i.ttl_idle_s,
+        ttl_absolute_s=i.ttl_absolute_s, bank=info_to_pb(i.bank))
+
+
+def session_from_pb(m: pb.SessionInfo) -> api.SessionInfo:
+    return api.SessionInfo(
+        session_id=m.session_id, tenant=m.tenant, created_at=m.created_at,
+        last_used_at=m.last_used_at, expires_at=optional_from_pb(m, "expires_at"),
+        ttl_idle_s=optional_from_pb(m, "ttl_idle_s"),
+        ttl_absolute_s=optional_from_pb(m, "ttl_absolute_s"), bank=info_from_pb(m.bank))
+
+
+def promote_to_pb(r: api.PromoteResult) -> pb.PromoteSessionResponse:
+    return pb.PromoteSessionResponse(
+        promoted=r.promoted, duplicates=r.duplicates,
+        target_ids=encode(np.asarray(r.target_ids, dtype=np.int64)),
+        source_ids=encode(np.asarray(r.source_ids, dtype=np.int64)), moved=r.moved)
+
+
+def promote_from_pb(m: pb.PromoteSessionResponse) -> api.PromoteResult:
+    return api.PromoteResult(
+        promoted=m.promoted, duplicates=m.duplicates,
+        target_ids=decode(m.target_ids, "target_ids").copy(),
+        source_ids=decode(m.source_ids, "source_ids").copy(), moved=m.moved)
+
+
+# ---- tenants and stats -------------------------------------------------------------
+
+def tenant_to_pb(t: api.TenantInfo) -> pb.TenantInfo:
+    return pb.TenantInfo(name=t.name, quota_bytes=quota_to_pb(t.quota_bytes),
+                         used_bytes=t.used_bytes, banks=t.banks, sessions=t.sessions,
+                         tier_bytes=t.tier_bytes)
+
+
+def tenant_from_pb(m: pb.TenantInfo) -> api.TenantInfo:
+    return api.TenantInfo(name=m.name, quota_bytes=quota_from_pb(m.quota_bytes),
+                          used_bytes=m.used_bytes, banks=m.banks, sessions=m.sessions,
+                          tier_bytes=dict(m.tier_bytes))
+
+
+def stack_to_pb(u: api.StackUse) -> pb.StackUse:
+    return pb.StackUse(client=u.client, banks=list(u.banks), searches=u.searches,
+                       last_used_at=u.last_used_at)
+
+
+def stack_from_pb(m: pb.StackUse) -> api.StackUse:
+    return api.StackUse(client=m.client, banks=tuple(m.banks), searches=m.searches,
+                        last_used_at=m.last_used_at)
+
+
 def stats_to_pb(s: api.Stats) -> pb.StatsResponse:
     return pb.StatsResponse(
         version=s.version, data_dir=str(s.data_dir), catalog_url=s.catalog_url,
         uptime_s=s.uptime_s, banks=[info_to_pb(b) for b in s.banks],
-        used_bytes=s.used_bytes, num_gpus=s.num_gpus)
+        used_bytes=s.used_bytes, num_gpus=s.num_gpus,
+        stacks=[stack_to_pb(u) for u in s.stacks], tenants=[tenant_to_pb(t) for t in s.tenants])
 
 
 def stats_from_pb(m: pb.StatsResponse) -> api.Stats:
     return api.Stats(
         version=m.version, data_dir=m.data_dir, catalog_url=m.catalog_url,
         uptime_s=m.uptime_s, banks=[info_from_pb(b) for b in m.banks],
-        used_bytes=m.used_bytes, num_gpus=m.num_gpus)
+        used_bytes=m.used_bytes, num_gpus=m.num_gpus,
+        stacks=[stack_from_pb(u) for u in m.stacks],
+        tenants=[tenant_from_pb(t) for t in m.tenants])
 
 
 def grpc_target(address: str) -> str:

@@ -89,7 +89,10 @@ def test_every_command_has_help_with_an_example():
                                                                                  result.output)
         seen.append(" ".join(path))
     for cmd in ("bank create", "bank list", "bank show", "bank delete", "bank freeze",
-                "bank resize", "import", "export", "search", "status"):
+                "bank resize", "bank tier", "import", "export", "search", "status",
+                "session open", "session list", "session show", "session extend",
+                "session close", "session promote", "session export", "session append", "quota set",
+                "quota show"):
         assert cmd in seen
 
 
@@ -97,6 +100,39 @@ def test_backend_options_are_shared():
     result = CliRunner().invoke(main, ["bank", "list", "--help"])
     assert "--address" in result.output and "--data-dir" in result.output
     assert "--json" in result.output
+    result = CliRunner().invoke(main, ["--help"])
+    assert "--address" in result.output and "--data-dir" in result.output
+
+
+def test_backend_options_on_the_group(tmp_path, monkeypatch):
+    """`memctl --data-dir D bank list` works too; the command's own option wins."""
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(main, [str(x) for x in args])
+        assert result.exit_code == 0, (args, result.output)
+        return result.stdout
+
+    run("--data-dir", a, "bank", "create", "in-a", "--dim", "4")
+    run("bank", "create", "in-b", "--dim", "4", "--data-dir", b)
+    names = lambda out: [x["name"] for x in json.loads(out)]  # noqa: E731
+    assert names(run("--data-dir", a, "bank", "list", "--json")) == ["in-a"]
+    assert names(run("-d", a, "bank", "list", "--json", "--data-dir", b)) == ["in-b"]
+    # the group's command line beats the environment, the command's beats the group's
+    monkeypatch.setenv("MEMORYD_DATA_DIR", b)
+    assert names(run("bank", "list", "--json")) == ["in-b"]
+    assert names(run("--data-dir", a, "bank", "list", "--json")) == ["in-a"]
+    monkeypatch.setenv("MEMCTL_ADDRESS", "127.0.0.1:9")
+    assert names(run("--data-dir", a, "bank", "list", "--json")) == ["in-a"]
+    monkeypatch.delenv("MEMCTL_ADDRESS")
+    st = json.loads(run("--data-dir", a, "status", "--json"))
+    assert st["backend"] == f"embedded ({a})"
+    Mem([]).fails("--address", "localhost:1", "--data-dir", a, "bank", "list",
+                  needles=["not both"])
+    # a command-level --address beats a group-level --data-dir
+    Mem([]).fails("--data-dir", a, "bank", "list", "--address", "127.0.0.1:9", "--timeout", "1",
+                  needles=["127.0.0.1:9"])
 
 
 # ---- banks ----------------------------------------------------------------------------
@@ -428,7 +464,8 @@ def test_commands_against_a_daemon(daemon, tmp_path):
     cli.fails("import", "wiki", save(tmp_path / "k3.npy", rand(5, 3)), tmp_path / "v.npy",
               needles=["dim 3"])
     cli.fails("bank", "show", "nope", needles=["nope"])
-    cli("bank", "resize", "wiki", "--quota", "1KB")
+    used = cli.json("bank", "show", "wiki")["used_bytes"]
+    cli("bank", "resize", "wiki", "--quota", used)
     cli.fails("import", "wiki", tmp_path / "k.npy", tmp_path / "v.npy",
               needles=["quota exceeded", "limit"])
     cli("bank", "freeze", "wiki")

@@ -7,6 +7,7 @@ backends) live in test_backend.py; here only what the daemon adds.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -28,7 +29,7 @@ from daemon_util import daemon_env, daemon_log, serve_args, start_daemon, stop_d
 from knnlayer.client import MemoryClient
 from memoryd import config as cfg
 from memoryd import errors, wire
-from memoryd.api import BankSpec
+from memoryd.api import BankQuery, BankSpec, SessionSpec, StackUse
 from memoryd.local import LocalMemory
 from memoryd.server import create_server
 from memoryd.v1 import memory_pb2 as pb
@@ -244,6 +245,196 @@ def test_big_add_is_chunked_and_export_round_trips(client):
     exported = np.concatenate([c.ids for c in chunks])
     np.testing.assert_array_equal(np.sort(exported), np.sort(ids))
     assert chunks[0].values.dtype == np.dtype("bfloat16")
+
+
+# ---- the wire of stacks, tiers, sessions and tenants ----------------------------------------
+
+def _same(got, want) -> None:
+    for f in ("ids", "scores", "bank", "values", "keys"):
+        a, b = getattr(got, f), getattr(want, f)
+        assert (a is None) == (b is None), f
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, f
+            np.testing.assert_array_equal(a, b)
+
+
+def test_stack_options_round_trip(daemon, client, stub):
+    backend, _ = daemon
+    a, b, c = (new_bank(client) for _ in range(3))
+    for spec in (a, b, c):
+        client.add(spec.name, rand(50, 16), rand(50, 8))
+    queries = rand(7, 16)
+    stack = [BankQuery(a.name, k=2, bias=0.75), BankQuery(b.name, include=False), c.name]
+    got = client.search(stack, queries, 5, keys=True)
+    _same(got, backend.search(stack, queries, 5, keys=True))
+    assert not (got.bank == 1).any()                    # excluded, position kept
+    assert (got.bank == 0).sum(axis=1).max() <= 2       # a's own k
+
+    # the same stack from a raw stub: k 0 = the search's k, exclude defaults to false
+    req = pb.SearchRequest(stack=[pb.BankQuery(name=a.name, k=2, bias=0.75),
+                                  pb.BankQuery(name=b.name, exclude=True),
+                                  pb.BankQuery(name=c.name)],
+                           queries=wire.encode(queries), k=5, values=True, keys=True)
+    msgs = list(stub.Search(req))
+    np.testing.assert_array_equal(np.concatenate([wire.decode(m.ids) for m in msgs]), got.ids)
+    np.testing.assert_array_equal(np.concatenate([wire.decode(m.scores) for m in msgs]), got.scores)
+
+    # default options travel as plain `banks` (older daemons understand them)
+    assert wire.is_plain([BankQuery(a.name), BankQuery(c.name)])
+    assert not wire.is_plain([BankQuery(a.name, bias=0.1)])
+    _same(client.search([BankQuery(a.name), c.name], queries, 3),
+          backend.search([a.name, c.name], queries, 3))
+
+    # the shared checks run in the client too; a bad k from a raw stub is refused
+    for bad in ([a.name, BankQuery(a.name)], [BankQuery(a.name, include=False)],
+                [BankQuery(a.name, bias=float("nan"))], [BankQuery(a.name, k=0)]):
+        with pytest.raises(errors.InvalidArgument):
+            client.search(bad, queries, 3)
+    bad_k = pb.SearchRequest(stack=[pb.BankQuery(name=a.name, k=-3)],
+                             queries=wire.encode(queries), k=3)
+    assert _code(lambda: list(stub.Search(bad_k))) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_client_name_reaches_stats(daemon, stub):
+    backend, address = daemon
+    spec = new_bank(backend)
+    backend.add(spec.name, rand(5, 16), rand(5, 8))
+    with MemoryClient(address, client_name="trainer-7") as named, MemoryClient(address) as anon:
+        named.search([spec.name], rand(2, 16), 3)
+        named.search([BankQuery(spec.name, bias=1.0)], rand(2, 16), 3)
+        anon.search(spec.name, rand(2, 16), 3)
+        assert anon.client_name == f"{socket.gethostname()}:{os.getpid()}"
+        list(stub.Search(pb.SearchRequest(banks=[spec.name], queries=wire.encode(rand(1, 16)),
+                                          k=1)))
+        stacks = {(u.client, u.banks): u for u in named.stats().stacks
+                  if u.banks == (spec.name,)}
+        assert all(isinstance(u, StackUse) for u in stacks.values())
+        assert stacks["trainer-7", (spec.name,)].searches == 2
+        assert stacks[anon.client_name, (spec.name,)].searches == 1
+        assert len(stacks) == 3                           # the raw stub: its peer address
+        with pytest.raises(errors.InvalidArgument, match="client_name"):
+            MemoryClient(address, client_name="caf\u00e9\n", wait_ready=0)
+
+
+def test_backend_without_client_keyword_still_serves(short_dir):
+    class Plain:                       # a backend whose search knows no `client`
+        def __init__(self, inner):
+            self.inner = inner
+
+        def search(self, banks, queries, k, values=True, keys=False):
+            return self.inner.search(banks, queries, k, values=values, keys=keys)
+
+    inner = LocalMemory(short_dir / "plain")
+    server, address = create_server(Plain(inner), f"unix://{short_dir}/plain.sock")
+    try:
+        inner.create_bank(BankSpec("p", dim=16, value_dim=8))
+        inner.add("p", rand(10, 16), rand(10, 8))
+        with MemoryClient(address) as c:
+            assert c.search([BankQuery("p", bias=0.5)], rand(3, 16), 4).ids.shape == (3, 4)
+        assert [u.client for u in inner.stats().stacks] == ["local"]
+    finally:
+        server.stop(0).wait(5)
+        inner.close()
+
+
+def test_tier_and_eviction_defaults_on_the_wire(client, stub):
+    name = f"d{next(_n)}"
+    info = wire.info_from_pb(stub.CreateBank(pb.CreateBankRequest(spec=pb.BankSpec(
+        name=name, dim=16, quota_bytes=-1))))           # tier, eviction unset
+    assert (info.spec.tier, info.spec.eviction) == ("ram", "reject")
+    assert isinstance(info.tier_bytes, dict)
+    assert all(isinstance(v, int) for v in info.tier_bytes.values())
+    spec = new_bank(client, eviction="fifo", quota_bytes=10_000)
+    assert client.bank_info(spec.name).spec.eviction == "fifo"
+    with pytest.raises(errors.InvalidArgument, match="tier must be one of"):
+        client.set_tier(spec.name, "floppy")          # named by the daemon
+    with pytest.raises(errors.InvalidArgument, match="eviction must be one of"):
+        client.create_bank(BankSpec(f"d{next(_n)}", dim=16, eviction="lifo"))
+
+
+def test_session_ttls_none_and_zero_on_the_wire(daemon, client, stub):
+    backend, _ = daemon
+    info = client.open_session(SessionSpec(dim=16, value_dim=8))
+    assert (info.ttl_idle_s, info.ttl_absolute_s, info.expires_at) == (None, None, None)
+    raw = stub.GetSession(pb.SessionRef(session_id=info.session_id))
+    assert not raw.HasField("expires_at") and not raw.HasField("ttl_idle_s")
+
+    timed = client.open_session(SessionSpec(dim=16, ttl_idle_s=600.0))
+    assert timed.ttl_idle_s == 600.0 and timed.ttl_absolute_s is None
+    assert timed.expires_at == pytest.approx(timed.last_used_at + 600.0)
+    assert timed == backend.session_info(timed.session_id)
+
+    # 0 is a value on the wire, not "unset": refused like any bad TTL
+    zero = pb.OpenSessionRequest(spec=pb.SessionSpec(dim=16, ttl_idle_s=0.0, quota_bytes=-1))
+    assert _code(lambda: stub.OpenSession(zero)) == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(errors.InvalidArgument, match="ttl_idle_s"):
+        client.open_session(SessionSpec(dim=16, ttl_idle_s=0))
+
+    # extend: unset fields are left alone, a 0 is refused
+    kept = stub.ExtendSession(pb.ExtendSessionRequest(session_id=timed.session_id))
+    assert kept.ttl_idle_s == 600.0 and not kept.HasField("ttl_absolute_s")
+    bad = pb.ExtendSessionRequest(session_id=timed.session_id, ttl_absolute_s=0.0)
+    assert _code(lambda: stub.ExtendSession(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    longer = client.extend_session(timed.session_id, ttl_absolute_s=60.0)
+    assert longer.ttl_idle_s == 600.0 and longer.ttl_absolute_s is not None
+    assert longer.expires_at == pytest.approx(longer.created_at + longer.ttl_absolute_s)
+    for sid in (info.session_id, timed.session_id):
+        assert client.close_session(sid) >= 0
+
+
+def test_append_stream_is_checked_and_all_or_nothing(client, stub):
+    sid = client.open_session(SessionSpec(dim=16, value_dim=8)).session_id
+    good = pb.AppendRequest(session_id=sid, keys=wire.encode(rand(4, 16)),
+                            values=wire.encode(rand(4, 8)))
+    wrong_dim = pb.AppendRequest(keys=wire.encode(rand(4, 12)), values=wire.encode(rand(4, 8)))
+    other = pb.AppendRequest(session_id="s-other", keys=good.keys, values=good.values)
+    unnamed = pb.AppendRequest(keys=good.keys, values=good.values)
+    half_scores = pb.AppendRequest(keys=good.keys, values=good.values,
+                                   scores=wire.encode(np.ones(4, np.float32)))
+    for stream in ([good, wrong_dim], [good, other], [unnamed], [good, half_scores], []):
+        assert _code(lambda: stub.Append(iter(stream))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.session_info(sid).bank.count == 0
+    reply = stub.Append(iter([good, pb.AppendRequest(keys=good.keys, values=good.values)]))
+    ids = wire.decode(reply.ids)
+    assert ids.dtype == np.int64 and ids.shape == (8,)
+    assert client.session_info(sid).bank.count == 8
+
+    # the client cuts a big append into chunks; scores ride along
+    n = 50_000                                      # ~4.8 MiB: two Append messages
+    big = client.append(sid, rand(n, 16), rand(n, 8), scores=np.linspace(0, 1, n))
+    assert big.dtype == np.int64 and big.shape == (n,) and big.flags.writeable
+    assert client.session_info(sid).bank.count == n + 8
+    client.close_session(sid)
+    with pytest.raises(errors.NotFound):
+        client.session_info(sid)
+
+
+def test_promote_and_tenants_on_the_wire(daemon, client):
+    backend, _ = daemon
+    target = new_bank(client, tenant="acme")
+    sid = client.open_session(SessionSpec(dim=16, value_dim=8, tenant="acme")).session_id
+    client.append(sid, rand(6, 16), rand(6, 8), scores=[0.1, 0.9, 0.5, 0.95, 0.2, 0.7])
+    r = client.promote_session(sid, target.name, min_score=0.5, move=True)
+    assert (r.promoted, r.duplicates, r.moved) == (4, 0, True)
+    for a in (r.target_ids, r.source_ids):
+        assert a.dtype == np.int64 and a.shape == (4,) and a.flags.writeable
+    none = client.promote_session(sid, target.name, ids=[])        # [] is no rows, not float64
+    assert none.promoted == 0 and none.target_ids.dtype == np.int64
+    with pytest.raises(errors.InvalidArgument, match="min_score"):
+        client.promote_session(sid, target.name, min_score="high")
+
+    t = client.set_tenant_quota("acme", 10**9)
+    assert t == backend.tenant_info("acme") and t.quota_bytes == 10**9
+    assert t.banks >= 1 and t.sessions == 1
+    assert client.set_tenant_quota("acme", None).quota_bytes is None
+    with pytest.raises(errors.InvalidArgument, match="non-negative"):
+        client.set_tenant_quota("acme", -1)                   # -1 is "unlimited" on the wire
+    with pytest.raises(errors.NotFound):
+        client.tenant_info("nobody-here")
+    assert "acme" in {x.name for x in client.list_tenants()}
+    assert {x.name for x in client.stats().tenants} == {x.name for x in client.list_tenants()}
+    assert [s.session_id for s in client.list_sessions("acme")] == [sid]
+    client.close_session(sid)
 
 
 # ---- configuration --------------------------------------------------------------------------

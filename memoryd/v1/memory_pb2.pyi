@@ -53,7 +53,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class BankSpec(_message.Message):
-    __slots__ = ("name", "kind", "dim", "value_dim", "value_dtype", "metric", "index", "shards", "quota_bytes", "tenant")
+    __slots__ = ("name", "kind", "dim", "value_dim", "value_dtype", "metric", "index", "shards", "quota_bytes", "tenant", "tier", "eviction")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class BankSpec(_message.Message):
     SHARDS_FIELD_NUMBER: _ClassVar[int]
     QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: BankKind
     dim: int
@@ -74,10 +76,19 @@ class BankSpec(_message.Message):
     shards: int
     quota_bytes: int
     tenant: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[BankKind, str]] = ..., dim: _Optional[int] = ..., value_dim: _Optional[int] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., shards: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    tier: str
+    eviction: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[BankKind, str]] = ..., dim: _Optional[int] = ..., value_dim: _Optional[int] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., shards: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., tenant: _Optional[str] = ..., tier: _Optional[str] = ..., eviction: _Optional[str] = ...) -> None: ...
 
 class BankInfo(_message.Message):
-    __slots__ = ("spec", "count", "used_bytes", "frozen", "trained", "checksum", "created_at", "updated_at")
+    __slots__ = ("spec", "count", "used_bytes", "frozen", "trained", "checksum", "created_at", "updated_at", "tier_bytes")
+    class TierBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     SPEC_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -86,6 +97,7 @@ class BankInfo(_message.Message):
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    TIER_BYTES_FIELD_NUMBER: _ClassVar[int]
     spec: BankSpec
     count: int
     used_bytes: int
@@ -94,7 +106,8 @@ class BankInfo(_message.Message):
     checksum: str
     created_at: float
     updated_at: float
-    def __init__(self, spec: _Optional[_Union[BankSpec, _Mapping]] = ..., count: _Optional[int] = ..., used_bytes: _Optional[int] = ..., frozen: _Optional[bool] = ..., trained: _Optional[bool] = ..., checksum: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    tier_bytes: _containers.ScalarMap[str, int]
+    def __init__(self, spec: _Optional[_Union[BankSpec, _Mapping]] = ..., count: _Optional[int] = ..., used_bytes: _Optional[int] = ..., frozen: _Optional[bool] = ..., trained: _Optional[bool] = ..., checksum: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., tier_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class CreateBankRequest(_message.Message):
     __slots__ = ("spec",)
@@ -134,6 +147,14 @@ class SetQuotaRequest(_message.Message):
     quota_bytes: int
     def __init__(self, name: _Optional[str] = ..., quota_bytes: _Optional[int] = ...) -> None: ...
 
+class SetTierRequest(_message.Message):
+    __slots__ = ("name", "tier")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tier: str
+    def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
 class AddRequest(_message.Message):
     __slots__ = ("bank", "keys", "values", "ids")
     BANK_FIELD_NUMBER: _ClassVar[int]
@@ -152,19 +173,33 @@ class AddResponse(_message.Message):
     ids: Tensor
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class BankQuery(_message.Message):
+    __slots__ = ("name", "k", "bias", "exclude")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    k: int
+    bias: float
+    exclude: bool
+    def __init__(self, name: _Optional[str] = ..., k: _Optional[int] = ..., bias: _Optional[float] = ..., exclude: _Optional[bool] = ...) -> None: ...
+
 class SearchRequest(_message.Message):
-    __slots__ = ("banks", "queries", "k", "values", "keys")
+    __slots__ = ("banks", "queries", "k", "values", "keys", "stack")
     BANKS_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    STACK_FIELD_NUMBER: _ClassVar[int]
     banks: _containers.RepeatedScalarFieldContainer[str]
     queries: Tensor
     k: int
     values: bool
     keys: bool
-    def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., values: _Optional[bool] = ..., keys: _Optional[bool] = ...) -> None: ...
+    stack: _containers.RepeatedCompositeFieldContainer[BankQuery]
+    def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., values: _Optional[bool] = ..., keys: _Optional[bool] = ..., stack: _Optional[_Iterable[_Union[BankQuery, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("offset", "ids", "scores", "bank", "values", "keys")
@@ -254,12 +289,201 @@ class ExportChunk(_message.Message):
     values: Tensor
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class SessionSpec(_message.Message):
+    __slots__ = ("dim", "value_dim", "value_dtype", "metric", "tenant", "ttl_idle_s", "ttl_absolute_s", "quota_bytes", "eviction")
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_DIM_FIELD_NUMBER: _ClassVar[int]
+    VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TTL_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    TTL_ABSOLUTE_S_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_FIELD_NUMBER: _ClassVar[int]
+    dim: int
+    value_dim: int
+    value_dtype: DType
+    metric: Metric
+    tenant: str
+    ttl_idle_s: float
+    ttl_absolute_s: float
+    quota_bytes: int
+    eviction: str
+    def __init__(self, dim: _Optional[int] = ..., value_dim: _Optional[int] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., tenant: _Optional[str] = ..., ttl_idle_s: _Optional[float] = ..., ttl_absolute_s: _Optional[float] = ..., quota_bytes: _Optional[int] = ..., eviction: _Optional[str] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: SessionSpec
+    def __init__(self, spec: _Optional[_Union[SessionSpec, _Mapping]] = ...) -> None: ...
+
+class SessionInfo(_message.Message):
+    __slots__ = ("session_id", "tenant", "created_at", "last_used_at", "expires_at", "ttl_idle_s", "ttl_absolute_s", "bank")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    TTL_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    TTL_ABSOLUTE_S_FIELD_NUMBER: _ClassVar[int]
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    tenant: str
+    created_at: float
+    last_used_at: float
+    expires_at: float
+    ttl_idle_s: float
+    ttl_absolute_s: float
+    bank: BankInfo
+    def __init__(self, session_id: _Optional[str] = ..., tenant: _Optional[str] = ..., created_at: _Optional[float] = ..., last_used_at: _Optional[float] = ..., expires_at: _Optional[float] = ..., ttl_idle_s: _Optional[float] = ..., ttl_absolute_s: _Optional[float] = ..., bank: _Optional[_Union[BankInfo, _Mapping]] = ...) -> None: ...
+
+class SessionRef(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class ListSessionsRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListSessionsResponse(_message.Message):
+    __slots__ = ("sessions",)
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    sessions: _containers.RepeatedCompositeFieldContainer[SessionInfo]
+    def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
+
+class AppendRequest(_message.Message):
+    __slots__ = ("session_id", "keys", "values", "scores")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    keys: Tensor
+    values: Tensor
+    scores: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AppendResponse(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ExtendSessionRequest(_message.Message):
+    __slots__ = ("session_id", "ttl_idle_s", "ttl_absolute_s")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    TTL_ABSOLUTE_S_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    ttl_idle_s: float
+    ttl_absolute_s: float
+    def __init__(self, session_id: _Optional[str] = ..., ttl_idle_s: _Optional[float] = ..., ttl_absolute_s: _Optional[float] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("released_bytes",)
+    RELEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    released_bytes: int
+    def __init__(self, released_bytes: _Optional[int] = ...) -> None: ...
+
+class PromoteSessionRequest(_message.Message):
+    __slots__ = ("session_id", "target", "ids", "min_score", "dedup", "move")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DEDUP_FIELD_NUMBER: _ClassVar[int]
+    MOVE_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    target: str
+    ids: Tensor
+    min_score: float
+    dedup: float
+    move: bool
+    def __init__(self, session_id: _Optional[str] = ..., target: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., min_score: _Optional[float] = ..., dedup: _Optional[float] = ..., move: _Optional[bool] = ...) -> None: ...
+
+class PromoteSessionResponse(_message.Message):
+    __slots__ = ("promoted", "duplicates", "target_ids", "source_ids", "moved")
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_IDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_IDS_FIELD_NUMBER: _ClassVar[int]
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    promoted: int
+    duplicates: int
+    target_ids: Tensor
+    source_ids: Tensor
+    moved: bool
+    def __init__(self, promoted: _Optional[int] = ..., duplicates: _Optional[int] = ..., target_ids: _Optional[_Union[Tensor, _Mapping]] = ..., source_ids: _Optional[_Union[Tensor, _Mapping]] = ..., moved: _Optional[bool] = ...) -> None: ...
+
+class TenantInfo(_message.Message):
+    __slots__ = ("name", "quota_bytes", "used_bytes", "banks", "sessions", "tier_bytes")
+    class TierBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    TIER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    quota_bytes: int
+    used_bytes: int
+    banks: int
+    sessions: int
+    tier_bytes: _containers.ScalarMap[str, int]
+    def __init__(self, name: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., banks: _Optional[int] = ..., sessions: _Optional[int] = ..., tier_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class TenantRef(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class SetTenantQuotaRequest(_message.Message):
+    __slots__ = ("tenant", "quota_bytes")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    quota_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., quota_bytes: _Optional[int] = ...) -> None: ...
+
+class ListTenantsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTenantsResponse(_message.Message):
+    __slots__ = ("tenants",)
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantInfo]
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantInfo, _Mapping]]] = ...) -> None: ...
+
+class StackUse(_message.Message):
+    __slots__ = ("client", "banks", "searches", "last_used_at")
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
+    client: str
+    banks: _containers.RepeatedScalarFieldContainer[str]
+    searches: int
+    last_used_at: float
+    def __init__(self, client: _Optional[str] = ..., banks: _Optional[_Iterable[str]] = ..., searches: _Optional[int] = ..., last_used_at: _Optional[float] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("version", "data_dir", "catalog_url", "uptime_s", "banks", "used_bytes", "num_gpus")
+    __slots__ = ("version", "data_dir", "catalog_url", "uptime_s", "banks", "used_bytes", "num_gpus", "stacks", "tenants")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DATA_DIR_FIELD_NUMBER: _ClassVar[int]
     CATALOG_URL_FIELD_NUMBER: _ClassVar[int]
@@ -267,6 +491,8 @@ class StatsResponse(_message.Message):
     BANKS_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     NUM_GPUS_FIELD_NUMBER: _ClassVar[int]
+    STACKS_FIELD_NUMBER: _ClassVar[int]
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
     version: str
     data_dir: str
     catalog_url: str
@@ -274,7 +500,9 @@ class StatsResponse(_message.Message):
     banks: _containers.RepeatedCompositeFieldContainer[BankInfo]
     used_bytes: int
     num_gpus: int
-    def __init__(self, version: _Optional[str] = ..., data_dir: _Optional[str] = ..., catalog_url: _Optional[str] = ..., uptime_s: _Optional[float] = ..., banks: _Optional[_Iterable[_Union[BankInfo, _Mapping]]] = ..., used_bytes: _Optional[int] = ..., num_gpus: _Optional[int] = ...) -> None: ...
+    stacks: _containers.RepeatedCompositeFieldContainer[StackUse]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantInfo]
+    def __init__(self, version: _Optional[str] = ..., data_dir: _Optional[str] = ..., catalog_url: _Optional[str] = ..., uptime_s: _Optional[float] = ..., banks: _Optional[_Iterable[_Union[BankInfo, _Mapping]]] = ..., used_bytes: _Optional[int] = ..., num_gpus: _Optional[int] = ..., stacks: _Optional[_Iterable[_Union[StackUse, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantInfo, _Mapping]]] = ...) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("payload",)

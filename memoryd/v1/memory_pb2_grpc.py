@@ -64,6 +64,11 @@ class MemoryStub:
                 request_serializer=memoryd_dot_v1_dot_memory__pb2.SetQuotaRequest.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memory__pb2.BankInfo.FromString,
                 _registered_method=True)
+        self.SetTier = channel.unary_unary(
+                '/memoryd.v1.Memory/SetTier',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.SetTierRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.BankInfo.FromString,
+                _registered_method=True)
         self.Add = channel.stream_unary(
                 '/memoryd.v1.Memory/Add',
                 request_serializer=memoryd_dot_v1_dot_memory__pb2.AddRequest.SerializeToString,
@@ -93,6 +98,56 @@ class MemoryStub:
                 '/memoryd.v1.Memory/Export',
                 request_serializer=memoryd_dot_v1_dot_memory__pb2.ExportRequest.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memory__pb2.ExportChunk.FromString,
+                _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/memoryd.v1.Memory/OpenSession',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.Append = channel.stream_unary(
+                '/memoryd.v1.Memory/Append',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.AppendRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.AppendResponse.FromString,
+                _registered_method=True)
+        self.GetSession = channel.unary_unary(
+                '/memoryd.v1.Memory/GetSession',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.SessionRef.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/memoryd.v1.Memory/ListSessions',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.ExtendSession = channel.unary_unary(
+                '/memoryd.v1.Memory/ExtendSession',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.ExtendSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.SessionInfo.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/memoryd.v1.Memory/CloseSession',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.SessionRef.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.PromoteSession = channel.unary_unary(
+                '/memoryd.v1.Memory/PromoteSession',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.PromoteSessionRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.PromoteSessionResponse.FromString,
+                _registered_method=True)
+        self.SetTenantQuota = channel.unary_unary(
+                '/memoryd.v1.Memory/SetTenantQuota',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.SetTenantQuotaRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.TenantInfo.FromString,
+                _registered_method=True)
+        self.GetTenant = channel.unary_unary(
+                '/memoryd.v1.Memory/GetTenant',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.TenantRef.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.TenantInfo.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/memoryd.v1.Memory/ListTenants',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.ListTenantsResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/memoryd.v1.Memory/Stats',
@@ -145,6 +200,12 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetTier(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Add(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -176,6 +237,66 @@ class MemoryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Export(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Append(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExtendSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetTenantQuota(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTenant(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -226,6 +347,11 @@ def add_MemoryServicer_to_server(servicer, server):
                     request_deserializer=memoryd_dot_v1_dot_memory__pb2.SetQuotaRequest.FromString,
                     response_serializer=memoryd_dot_v1_dot_memory__pb2.BankInfo.SerializeToString,
             ),
+            'SetTier': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTier,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.SetTierRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.BankInfo.SerializeToString,
+            ),
             'Add': grpc.stream_unary_rpc_method_handler(
                     servicer.Add,
                     request_deserializer=memoryd_dot_v1_dot_memory__pb2.AddRequest.FromString,
@@ -255,6 +381,56 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.Export,
                     request_deserializer=memoryd_dot_v1_dot_memory__pb2.ExportRequest.FromString,
                     response_serializer=memoryd_dot_v1_dot_memory__pb2.ExportChunk.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.OpenSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.SessionInfo.SerializeToString,
+            ),
+            'Append': grpc.stream_unary_rpc_method_handler(
+                    servicer.Append,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.AppendRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.AppendResponse.SerializeToString,
+            ),
+            'GetSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSession,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.SessionRef.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.SessionInfo.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.ListSessionsRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'ExtendSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExtendSession,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.ExtendSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.SessionInfo.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.SessionRef.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'PromoteSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteSession,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.PromoteSessionRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.PromoteSessionResponse.SerializeToString,
+            ),
+            'SetTenantQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetTenantQuota,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.SetTenantQuotaRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.TenantInfo.SerializeToString,
+            ),
+            'GetTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenant,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.TenantRef.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.TenantInfo.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.ListTenantsRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.ListTenantsResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
@@ -440,6 +616,33 @@ class Memory:
             _registered_method=True)
 
     @staticmethod
+    def SetTier(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/SetTier',
+            memoryd_dot_v1_dot_memory__pb2.SetTierRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.BankInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Add(request_iterator,
             target,
             options=(),
@@ -591,6 +794,276 @@ class Memory:
             '/memoryd.v1.Memory/Export',
             memoryd_dot_v1_dot_memory__pb2.ExportRequest.SerializeToString,
             memoryd_dot_v1_dot_memory__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/OpenSession',
+            memoryd_dot_v1_dot_memory__pb2.OpenSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Append(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/memoryd.v1.Memory/Append',
+            memoryd_dot_v1_dot_memory__pb2.AppendRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.AppendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/GetSession',
+            memoryd_dot_v1_dot_memory__pb2.SessionRef.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/ListSessions',
+            memoryd_dot_v1_dot_memory__pb2.ListSessionsRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtendSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/ExtendSession',
+            memoryd_dot_v1_dot_memory__pb2.ExtendSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.SessionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/CloseSession',
+            memoryd_dot_v1_dot_memory__pb2.SessionRef.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/PromoteSession',
+            memoryd_dot_v1_dot_memory__pb2.PromoteSessionRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.PromoteSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetTenantQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/SetTenantQuota',
+            memoryd_dot_v1_dot_memory__pb2.SetTenantQuotaRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.TenantInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/GetTenant',
+            memoryd_dot_v1_dot_memory__pb2.TenantRef.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.TenantInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/ListTenants',
+            memoryd_dot_v1_dot_memory__pb2.ListTenantsRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.ListTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,
