@@ -28,7 +28,7 @@ from memoryd import faults, tiers
 from memoryd.api import BankSpec, ExportChunk
 from memoryd.arrays import value_dtype
 from memoryd.errors import InvalidArgument
-from memoryd.store import ShardStore, atomic_write_json
+from memoryd.store import ShardStore, atomic_write_json, folder_bytes
 
 META = "bank.json"
 TEMPLATE = "trained.faiss"
@@ -217,8 +217,7 @@ class Bank:
         """Where the bytes of nbytes() sit, and what the files take on disk."""
         store = sum(s.store.nbytes() for s in self.shards)
         index = self.nbytes() - store
-        disk = sum(s.store.disk_bytes() for s in self.shards) + sum(
-            p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        disk = sum(s.store.disk_bytes() for s in self.shards) + folder_bytes(self.path)
         if self.spec.tier == "mmap":  # rows and flat codes are paged in from disk
             codes = self.count * fx.code_bytes(self.template, self.spec.dim)
             return {"ram": index - codes, "disk": disk}
@@ -249,10 +248,16 @@ class Bank:
         return 8 + 4 * self.spec.dim + vbytes + fx.bytes_per_vector(t, self.spec.dim)
 
     def nbytes(self, rows: int | None = None, template: "faiss.Index | None" = None) -> int:
-        """What the bank holds (or would hold with `rows` rows and `template`)."""
+        """What the bank holds (or would hold with `rows` rows and `template`).
+
+        An empty bank counts as 0: the few header bytes of an empty index are
+        not charged, so creating a bank or opening a session never needs
+        quota; the index's fixed bytes (e.g. trained centroids) are charged
+        with its first rows.
+        """
         t = template or self.template
         rows = self.count if rows is None else rows
-        return self.spec.shards * fx.fixed_bytes(t) + rows * self.row_bytes(t)
+        return self.spec.shards * fx.fixed_bytes(t) + rows * self.row_bytes(t) if rows else 0
 
     # ---- writes (caller holds lock.write()) ---------------------------------------
     def trained_template(self, keys: np.ndarray) -> "faiss.Index":

@@ -195,14 +195,14 @@ class Catalog:
             cond = [b.name == name]
             if nbytes > 0:
                 cond.append(sa.or_(b.quota_bytes.is_(None), b.used_bytes + nbytes <= b.quota_bytes))
-            r = c.execute(banks.update().where(*cond).values(
-                used_bytes=b.used_bytes + nbytes, count=b.count + items, updated_at=time.time()))
-            if r.rowcount == 0:
+            tenant = c.execute(banks.update().where(*cond).values(
+                used_bytes=b.used_bytes + nbytes, count=b.count + items, updated_at=time.time())
+                .returning(b.tenant)).scalar()
+            if tenant is None:
                 row = c.execute(sa.select(b.used_bytes, b.quota_bytes).where(b.name == name)).first()
                 if row is None:
                     raise NotFound(f"no bank named '{name}'")
                 raise QuotaExceeded(name, int(row[0]), int(row[1]), nbytes)
-            tenant = c.execute(sa.select(b.tenant).where(b.name == name)).scalar_one()
             if not self._tenant_delta(c, tenant, nbytes):
                 t = c.execute(sa.select(tenants.c.used_bytes, tenants.c.quota_bytes)
                               .where(tenants.c.name == tenant)).first()
@@ -225,7 +225,7 @@ class Catalog:
                 return
             c.execute(banks.update().where(banks.c.name == name)
                       .values(used_bytes=used_bytes, count=count))
-            self._tenant_delta(c, row[2], used_bytes - row[0])
+            self._tenant_delta(c, row[2], used_bytes - row[0], enforce=False)  # the truth wins
             self._log(c, name, row[2], "reconcile", used_bytes - row[0], count - row[1])
 
     # ---- tenants -------------------------------------------------------------------
@@ -291,10 +291,10 @@ class Catalog:
             c.execute(sessions.delete().where(sessions.c.id == session_id))
 
     @staticmethod
-    def _tenant_delta(c: sa.Connection, tenant: str, nbytes: int) -> bool:
+    def _tenant_delta(c: sa.Connection, tenant: str, nbytes: int, enforce: bool = True) -> bool:
         t = tenants.c
         cond = [t.name == tenant]
-        if nbytes > 0:
+        if nbytes > 0 and enforce:
             cond.append(sa.or_(t.quota_bytes.is_(None), t.used_bytes + nbytes <= t.quota_bytes))
         return c.execute(tenants.update().where(*cond)
                          .values(used_bytes=t.used_bytes + nbytes)).rowcount == 1

@@ -149,8 +149,6 @@ class LocalMemory:
                 bank.create()
                 if bank.count:  # born full (product keys): its bytes must fit the quota
                     self.catalog.reserve(spec.name, bank.nbytes(), bank.count, op="create")
-                else:  # an empty index's few header bytes are recorded, never refused
-                    self.catalog.reconcile(spec.name, bank.nbytes(), 0)
             except BaseException:
                 self.catalog.delete_bank(spec.name)
                 _rmtree(bank.path)
@@ -167,7 +165,10 @@ class LocalMemory:
 
     def _with_tiers(self, info: BankInfo) -> BankInfo:
         bank = self._banks.get(info.name)
-        return info if bank is None else replace(info, tier_bytes=bank.tier_bytes())
+        if bank is None:
+            return info
+        with bank.lock.read():  # a remove swaps the files underneath
+            return replace(info, tier_bytes=bank.tier_bytes())
 
     def set_tier(self, name: str, tier: str) -> BankInfo:
         """Move a live bank between ram, mmap and gpu (see memoryd.tiers)."""
@@ -303,7 +304,10 @@ class LocalMemory:
 
     # ---- reads -------------------------------------------------------------------
     def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
-               values: bool = True, keys: bool = False, *, client: str = "local") -> SearchResult:
+               values: bool = True, keys: bool = False, *, client: str | None = "local"
+               ) -> SearchResult:
+        """client: who searched, for Stats.stacks; None for memoryd's own
+        searches, which are neither logged nor count as use of a session."""
         stack = api.bank_list(banks)
         k = api.check_k(k)
         chosen = [self._bank(b.name) for b in stack]   # excluded banks must exist too
@@ -317,8 +321,9 @@ class LocalMemory:
                     f"{first.dim}-d {first.metric}, '{spec.name}' is {spec.dim}-d {spec.metric}")
         vdt = _common_values([chosen[i] for i in active]) if values else None
         q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
-        self.stacks.record(client, [b.name for b in stack])
-        self.sessions.touch([b.name for b in stack])
+        if client is not None:
+            self.stacks.record(client, [b.name for b in stack])
+            self.sessions.touch([b.name for b in stack])
         with ExitStack() as locks:
             for i in sorted(active, key=lambda i: stack[i].name):
                 locks.enter_context(chosen[i].lock.read())
@@ -338,7 +343,11 @@ class LocalMemory:
             return dist, ids
 
         parts = [run(jobs[0])] if len(jobs) == 1 else list(self._pool.map(run, jobs))
-        dist, ids, src = merge_topk(parts, [pos for pos, *_ in jobs], k, metric)
+        sources = [pos for pos, *_ in jobs]
+        capped = {pos: opt.k for pos, b, opt in active if b.spec.shards > 1 and opt.k and opt.k < k}
+        if capped:  # a sharded bank gives at most its own k in all, not k per shard
+            parts, sources = _cap_banks(parts, sources, capped, metric)
+        dist, ids, src = merge_topk(parts, sources, k, metric)
         values = vdt is not None
         if len(active) == 1:  # gather straight into the result, no scatter
             _, out_k, out_v = active[0][1].gather(ids, keys=keys, values=values, out_values_dtype=vdt)
@@ -438,6 +447,23 @@ class LocalMemory:
 def new_bank(path: Path, spec: BankSpec) -> "Bank | ProductKeyBank":
     """The bank class a spec asks for (InvalidArgument if it cannot be built)."""
     return ProductKeyBank(path, spec) if is_product_keys(spec.index) else Bank(path, spec)
+
+
+def _cap_banks(parts: list, sources: list[int], capped: dict[int, int], metric: str):
+    """Merge the shard parts of each capped bank into its own top-k, in place
+    of its first part, so that bank order (and so tie-breaking) is kept."""
+    out_parts, out_sources, done = [], [], set()
+    for part, pos in zip(parts, sources):
+        if pos not in capped:
+            out_parts.append(part)
+            out_sources.append(pos)
+        elif pos not in done:
+            done.add(pos)
+            mine = [p for p, s in zip(parts, sources) if s == pos]
+            dist, ids, _ = merge_topk(mine, [pos] * len(mine), capped[pos], metric)
+            out_parts.append((dist, ids))
+            out_sources.append(pos)
+    return out_parts, out_sources
 
 
 def _common_values(chosen: list[Bank]) -> np.dtype | None:

@@ -32,7 +32,7 @@ from memoryd.api import BankSpec, ExportChunk
 from memoryd.arrays import value_dtype
 from memoryd.bank import RWLock
 from memoryd.errors import FailedPrecondition, InvalidArgument
-from memoryd.store import atomic_write_json
+from memoryd.store import atomic_write_json, folder_bytes
 
 PREFIX = "product-keys"
 _SPEC = re.compile(r"^product-keys:(\d+)(?:\|seed=(\d+))?$")
@@ -145,7 +145,7 @@ class ProductKeyBank:
         return int(found.sum())
 
     def tier_bytes(self) -> dict[str, int]:
-        disk = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        disk = folder_bytes(self.path)
         return {"ram": self.nbytes(), "disk": disk}
 
     def set_tier(self, tier: str) -> None:

@@ -181,11 +181,7 @@ class SessionManager:
             if not np.isfinite(sc).all():
                 raise InvalidArgument("scores contain NaN or Inf")
         ids = self.mem.add(sid, keys, values)
-        now = self.clock()
-        with self._lock:
-            if sid in self._rows:
-                self._rows[sid]["last_used_at"] = now
-        self.mem.catalog.update_session(sid, last_used_at=now)
+        self.touch([sid])  # persisted by flush() (each reaper pass, and close)
         if sc is not None:
             recs = np.empty(n, _SCORE_REC)
             recs["id"], recs["score"] = ids, sc
@@ -270,7 +266,7 @@ def _dedup_mask(keys: np.ndarray, threshold: float, mem: "LocalMemory", target: 
     unit = np.ascontiguousarray(unit, dtype=np.float32)
     keep = np.ones(len(keys), bool)
     if mem.bank_info(target).count:
-        near = mem.search(target, keys, 1, values=False, keys=True).keys[:, 0]      # (n, d)
+        near = mem.search(target, keys, 1, values=False, keys=True, client=None).keys[:, 0]  # (n, d)
         near = near / np.maximum(np.linalg.norm(near, axis=1, keepdims=True), 1e-12)
         keep &= (unit * near).sum(1) < threshold
     kept = faiss.IndexFlatIP(unit.shape[1])                   # keys kept in earlier blocks

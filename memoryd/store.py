@@ -232,12 +232,24 @@ class ShardStore:
         return sum(col.data.nbytes for _, col in self._columns())
 
     def disk_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return folder_bytes(self.path)
 
     def delete_files(self) -> None:
         for p in self.path.glob("*"):
             p.unlink()
         self.path.rmdir()
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files directly in path (a file may vanish while we look)."""
+    total = 0
+    for entry in os.scandir(path):
+        try:
+            if entry.is_file():
+                total += entry.stat().st_size
+        except FileNotFoundError:
+            pass
+    return total
 
 
 def _progression(ids: np.ndarray) -> tuple[int, int] | None:
