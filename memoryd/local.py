@@ -260,8 +260,7 @@ class LocalMemory:
             new_ids = b.new_ids(len(k), given)
             was_trained = b.trained
             template = b.trained_template(k)
-            delta = b.nbytes(b.count + len(k), template) - b.nbytes()
-            self._reserve(b, delta, len(k))                 # QuotaExceeded: nothing written
+            delta = self._reserve(b, template, len(k))      # QuotaExceeded: nothing written
             try:
                 b.add(new_ids, k, v, template)
             except BaseException:
@@ -272,16 +271,23 @@ class LocalMemory:
         self.sessions.touch([bank])  # a write to a session bank is use, too
         return new_ids
 
-    def _reserve(self, b: Bank, delta: int, items: int) -> None:
-        """Reserve bytes for an add; a fifo bank first makes room by evicting."""
+    def _reserve(self, b: Bank, template, items: int) -> int:
+        """Reserve the bytes `items` more rows cost; returns them. A fifo bank
+        first evicts its oldest rows when that makes enough room."""
+        delta = b.nbytes(b.count + items, template) - b.nbytes()
         try:
             self.catalog.reserve(b.spec.name, delta, items)
+            return delta
         except QuotaExceeded as e:
             room = e.used + e.requested - e.limit
-            if b.spec.eviction != "fifo" or room > b.nbytes() - b.nbytes(0):
+            # evicting r rows frees r rows' bytes (emptying also frees the fixed
+            # bytes, but refilling charges them again): at most count rows' worth
+            if b.spec.eviction != "fifo" or room > b.count * b.row_bytes(template):
                 raise  # reject, or the batch cannot fit even with the bank emptied
-            self._evict_oldest(b, room)
-            self.catalog.reserve(b.spec.name, delta, items)
+        self._evict_oldest(b, room)
+        delta = b.nbytes(b.count + items, template) - b.nbytes()
+        self.catalog.reserve(b.spec.name, delta, items)
+        return delta
 
     def update_values(self, bank: str, ids: Any, values: Any) -> int:
         b = self._bank(bank)

@@ -107,3 +107,106 @@ def mem(request, tmp_path):
             import shutil
 
             shutil.rmtree(short, ignore_errors=True)
+
+
+# ---- an injectable clock, and a backend built on it -------------------------------
+#
+#     clock        FakeClock: clock() -> seconds; clock.advance(s); starts at 1e6
+#     rig          parametrised local/daemon: a LocalMemory(tmp, clock=clock,
+#                  reap_interval=None) as .local, the backend under test as .mem
+#                  (the LocalMemory itself, or a MemoryClient to a server that
+#                  wraps it, so the fake clock drives the daemon too), .kind,
+#                  .data_dir; .connect(name) opens another MemoryClient (daemon),
+#                  .reopen() closes everything and opens the same data dir again
+#     mem_clock    rig.mem
+
+class FakeClock:
+    def __init__(self, start: float = 1_000_000.0):
+        self.now = float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> float:
+        self.now += seconds
+        return self.now
+
+
+class Rig:
+    CLIENT_NAME = "rig-client"
+
+    def __init__(self, kind: str, tmp_path: Path, clock: FakeClock):
+        self.kind, self.tmp_path, self.clock = kind, tmp_path, clock
+        self.data_dir = tmp_path / "data"
+        self.local = self.mem = self.server = self.address = None
+        self._clients: list = []
+        self._shorts: list[str] = []
+        self._generation = 0
+        self.start()
+
+    def start(self) -> None:
+        from memoryd.local import LocalMemory
+
+        self.local = LocalMemory(self.data_dir, clock=self.clock, reap_interval=None)
+        if self.kind == "local":
+            self.mem = self.local
+            return
+        from memoryd.server import create_server
+
+        self._generation += 1
+        listen, short = _socket_address(self.tmp_path / f"g{self._generation}")
+        (self.tmp_path / f"g{self._generation}").mkdir(exist_ok=True)
+        if short:
+            self._shorts.append(short)
+        self.server, self.address = create_server(self.local, listen)
+        _start(self.server)
+        self.mem = self.connect(self.CLIENT_NAME)
+
+    def connect(self, client_name: str | None = None):
+        from knnlayer.client import MemoryClient
+
+        assert self.kind == "daemon", "connect() is for the daemon rig"
+        client = MemoryClient(self.address, client_name=client_name)
+        self._clients.append(client)
+        return client
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(0).wait(10)
+            self.server = None
+        for c in self._clients:
+            c.close()
+        self._clients.clear()
+        if self.local is not None:
+            self.local.close()
+            self.local = None
+
+    def reopen(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        import shutil
+
+        for short in self._shorts:
+            shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def clock():
+    return FakeClock()
+
+
+@pytest.fixture(params=["local", "daemon"])
+def rig(request, tmp_path, clock):
+    r = Rig(request.param, tmp_path, clock)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def mem_clock(rig):
+    return rig.mem
