@@ -18,10 +18,7 @@ import click
 import memoryd
 from memctl import output
 from memctl.banks import bank
-from memctl.common import (ADDRESS_ENV, DEBUG_ENV, DEFAULT_SOCKET, DURATION, SIZE,  # noqa: F401
-                           DurationType, SizeType, backend_options, cli_errors, describe_target,
-                           json_option, load_npy, open_backend, parse_duration, resolve_target,
-                           with_backend)
+from memctl.common import backend_options, describe_target, json_option, with_backend
 from memctl.data import export, import_, search
 from memctl.lifecycle import quota, session
 

@@ -20,7 +20,6 @@ import math
 import numpy as np
 
 from memoryd.errors import InvalidArgument
-from memoryd.v1 import memory_pb2 as pb
 from memoryd.wire import _FROM_PB, _TO_PB
 
 _VARINT, _LEN = 0, 2

@@ -34,7 +34,7 @@ from memoryd.errors import BankFrozen, FailedPrecondition, InvalidArgument, NotF
 from memoryd.sessions import SessionManager
 from memoryd.sizes import describe_size
 from memoryd.stacks import StackLog
-from memoryd.topk import merge_topk
+from memoryd.searching import common_values_dtype, search_stack
 
 log = logging.getLogger("memoryd")
 
@@ -325,7 +325,7 @@ class LocalMemory:
                 raise InvalidArgument(
                     f"banks of one search must share dim and metric: '{first.name}' is "
                     f"{first.dim}-d {first.metric}, '{spec.name}' is {spec.dim}-d {spec.metric}")
-        vdt = _common_values([chosen[i] for i in active]) if values else None
+        vdt = common_values_dtype([chosen[i] for i in active]) if values else None
         q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
         if client is not None:
             self.stacks.record(client, [b.name for b in stack])
@@ -333,46 +333,8 @@ class LocalMemory:
         with ExitStack() as locks:
             for i in sorted(active, key=lambda i: stack[i].name):
                 locks.enter_context(chosen[i].lock.read())
-            return self._search_locked(
-                [(i, chosen[i], stack[i]) for i in active], q, k, first.metric, vdt, keys)
-
-    def _search_locked(self, active: list[tuple[int, Bank, BankQuery]], q: np.ndarray, k: int,
-                       metric: str, vdt, keys: bool) -> SearchResult:
-        """One top-k over the active banks of a stack (positions kept), with gathers."""
-        jobs = [(pos, b, opt, si) for pos, b, opt in active for si in range(b.spec.shards)]
-
-        def run(job):
-            pos, b, opt, si = job
-            dist, ids = b.search_shard(si, q, opt.k or k)                 # (nq, k_b)
-            if opt.bias:  # in the bank's favour: larger ip, smaller l2
-                dist = np.where(ids >= 0, dist + (opt.bias if metric == "ip" else -opt.bias), dist)
-            return dist, ids
-
-        parts = [run(jobs[0])] if len(jobs) == 1 else list(self._pool.map(run, jobs))
-        sources = [pos for pos, *_ in jobs]
-        capped = {pos: opt.k for pos, b, opt in active if b.spec.shards > 1 and opt.k and opt.k < k}
-        if capped:  # a sharded bank gives at most its own k in all, not k per shard
-            parts, sources = _cap_banks(parts, sources, capped, metric)
-        dist, ids, src = merge_topk(parts, sources, k, metric)
-        values = vdt is not None
-        if len(active) == 1:  # gather straight into the result, no scatter
-            _, out_k, out_v = active[0][1].gather(ids, keys=keys, values=values, out_values_dtype=vdt)
-            return SearchResult(ids=ids, scores=dist, bank=src, values=out_v, keys=out_k)
-        nq = len(q)
-        value_dim = max(b.spec.value_dim for _, b, _ in active)
-        out_v = np.zeros((nq, k, value_dim), vdt) if values else None
-        out_k = np.zeros((nq, k, active[0][1].spec.dim), np.float32) if keys else None
-        for pos, b, _ in active:
-            sel = src == pos
-            if not sel.any():
-                continue
-            _, kk, vv = b.gather(ids[sel], keys=keys, values=values and b.spec.value_dim > 0,
-                                 out_values_dtype=vdt)
-            if keys:
-                out_k[sel] = kk
-            if vv is not None:
-                out_v[sel] = vv
-        return SearchResult(ids=ids, scores=dist, bank=src, values=out_v, keys=out_k)
+            return search_stack([(i, chosen[i], stack[i]) for i in active], q, k, first.metric,
+                                vdt, keys, self._pool)
 
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult:
         b = self._bank(bank)
@@ -453,40 +415,6 @@ class LocalMemory:
 def new_bank(path: Path, spec: BankSpec) -> "Bank | ProductKeyBank":
     """The bank class a spec asks for (InvalidArgument if it cannot be built)."""
     return ProductKeyBank(path, spec) if is_product_keys(spec.index) else Bank(path, spec)
-
-
-def _cap_banks(parts: list, sources: list[int], capped: dict[int, int], metric: str):
-    """Merge the shard parts of each capped bank into its own top-k, in place
-    of its first part, so that bank order (and so tie-breaking) is kept."""
-    out_parts, out_sources, done = [], [], set()
-    for part, pos in zip(parts, sources):
-        if pos not in capped:
-            out_parts.append(part)
-            out_sources.append(pos)
-        elif pos not in done:
-            done.add(pos)
-            mine = [p for p, s in zip(parts, sources) if s == pos]
-            dist, ids, _ = merge_topk(mine, [pos] * len(mine), capped[pos], metric)
-            out_parts.append((dist, ids))
-            out_sources.append(pos)
-    return out_parts, out_sources
-
-
-def _common_values(chosen: list[Bank]) -> np.dtype | None:
-    """Value dtype of a merged result: the banks' own if shared, else float32.
-
-    None when no bank holds values. Results from a key-only bank searched
-    together with value banks get zero values (the layer pairs such a bank
-    with a trainable value table of its own).
-    """
-    with_values = [b for b in chosen if b.spec.value_dim]
-    if not with_values:
-        return None
-    dims = {b.spec.value_dim for b in with_values}
-    if len(dims) > 1:
-        raise InvalidArgument(f"banks of one search with values must share value_dim; got {sorted(dims)}")
-    dtypes = {b.spec.value_dtype for b in with_values}
-    return value_dtype(dtypes.pop()) if len(dtypes) == 1 else np.dtype(np.float32)
 
 
 def _redact(url: str) -> str:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from memoryd import api, faults
-from memoryd.api import BankSpec, PromoteResult, SessionInfo, SessionSpec
+from memoryd.api import PromoteResult, SessionInfo, SessionSpec
 from memoryd.arrays import id_vector, to_numpy
 from memoryd.errors import FailedPrecondition, InvalidArgument, NotFound
 from memoryd.faiss_index import faiss
