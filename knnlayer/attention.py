@@ -126,6 +126,7 @@ class KNNAttention(nn.Module):
         # write path (remember): its outputs are stored detached
         self.key_proj = nn.Linear(c.input_dim, dk, bias=c.bias)
         self.value_proj = nn.Linear(c.input_dim, dv, bias=c.bias)
+        self._pk_tables: list[np.ndarray] | bool | None = None   # see _product_key_tables
         # refuse a state dict of other banks before any of this module's tensors is copied
         self.register_load_state_dict_pre_hook(_check_bank_binding)
 
@@ -140,18 +141,29 @@ class KNNAttention(nn.Module):
             self.memory = memory
         if banks is not None:
             self.config = replace(self.config, banks=tuple(banks))  # re-validated
+        self._pk_tables = None
 
     def check_banks(self) -> None:
-        """Raise ValueError unless every bound bank fits this module (dim, value_dim)."""
+        """Raise ValueError unless every bound bank fits this module (dim, value_dim).
+
+        Call it once after binding: it also learns whether all banks are
+        product-key banks, whose key vectors forward then rebuilds from ids
+        instead of fetching them. forward never asks for bank specs itself,
+        so that it stays one memory request.
+        """
+        from memoryd.product_keys import is_product_keys, subkeys
         c = self.config
-        for i, name in enumerate(c.banks):
-            spec = self._memory().bank_info(name).spec
+        specs = [self._memory().bank_info(name).spec for name in c.banks]
+        self._pk_tables = False
+        for i, (name, spec) in enumerate(zip(c.banks, specs)):
             if spec.dim != c.key_dim:
                 raise ValueError(f"bank '{name}' holds {spec.dim}-d keys; this layer has key_dim {c.key_dim}")
             needs_values = not (self.value_table is not None and i == 0 and len(c.banks) == 1)
             if needs_values and spec.value_dim != c.value_dim:
                 raise ValueError(f"bank '{name}' holds {spec.value_dim}-d values; "
                                  f"this layer has value_dim {c.value_dim}")
+        if all(is_product_keys(s.index) for s in specs):
+            self._pk_tables = [subkeys(*_n_dim_seed(s)) for s in specs]
 
     def _memory(self) -> MemoryBackend:
         if self.memory is None:
@@ -238,9 +250,13 @@ class KNNAttention(nn.Module):
                              values=torch.zeros(0, H, k, dv, dtype=dtype, device=device)
                              if mem_values else None)
         flat = q.detach().reshape(N * H, dk).to("cpu", torch.float32).numpy()  # (N*H, dk) host sync
-        res: SearchResult = self._memory().search(c.banks, flat, k, values=mem_values, keys=True)
+        tables = self._product_key_tables()
+        res: SearchResult = self._memory().search(c.banks, flat, k, values=mem_values,
+                                                  keys=tables is None)
         ids = res.ids.reshape(N, H, k)                            # (N, H, k) host int64
         mask = ids >= 0                                           # (N, H, k) host bool
+        key_vectors = (res.keys if tables is None
+                       else _rebuild_keys(tables, res.ids, res.bank, dk))  # (N*H, k, dk)
         from_table = None
         if use_table:
             from_table = mask & (res.bank.reshape(N, H, k) == 0)  # (N, H, k) host bool
@@ -258,9 +274,19 @@ class KNNAttention(nn.Module):
             ids=to_device(np.where(mask, ids, 0), device),                      # (N, H, k)
             mask=to_device(mask, device),                                       # (N, H, k)
             from_table=None if from_table is None else to_device(from_table, device),
-            keys=to_device(res.keys.reshape(N, H, k, dk), device, dtype),       # (N, H, k, dk)
+            keys=to_device(key_vectors.reshape(N, H, k, dk), device, dtype),    # (N, H, k, dk)
             values=(to_device(res.values.reshape(N, H, k, dv), device, dtype)   # (N, H, k, dv)
                     if mem_values else None))
+
+    def _product_key_tables(self) -> list[np.ndarray] | None:
+        """Sub-key tables of the banks when check_banks() found them all to be
+        product-key banks (else None: keys come back from the search).
+
+        Product keys are a pure function of (n, seed), so their vectors are
+        rebuilt here from the returned ids instead of crossing the wire
+        (4096 queries x k=32 x 128-d fp32 keys would be 64 MiB).
+        """
+        return self._pk_tables or None
 
     def gather_values(self, r: "Retrieved") -> torch.Tensor:
         """Values (N, H, k, dv) of the retrieved rows: the table's (trainable) or memory's."""
@@ -417,6 +443,23 @@ class Retrieved:
     from_table: torch.Tensor | None   # (N, H, k) bool, rows of banks[0] read from the table
     keys: torch.Tensor                # (N, H, k, dk) module dtype, zeros where missing
     values: torch.Tensor | None       # (N, H, k, dv) module dtype, None when all from the table
+
+
+def _n_dim_seed(spec: BankSpec) -> tuple[int, int, int]:
+    from memoryd.product_keys import parse
+    n, seed = parse(spec.index)
+    return n, spec.dim, seed
+
+
+def _rebuild_keys(tables: list[np.ndarray], ids: np.ndarray, bank: np.ndarray, dk: int) -> np.ndarray:
+    """Key vectors (nq, k, dk) of product-key results; zeros where missing."""
+    from memoryd.product_keys import key_vectors
+    out = np.zeros((*ids.shape, dk), np.float32)                           # (nq, k, dk)
+    for b, sub in enumerate(tables):
+        sel = bank == b
+        if sel.any():
+            out[sel] = key_vectors(sub, ids[sel])
+    return out
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,12 @@ def subkeys(n: int, dim: int, seed: int) -> np.ndarray:
     return c / np.linalg.norm(c, axis=2, keepdims=True)
 
 
+def key_vectors(sub: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(..., dim) keys of valid ids of the bank whose sub-key tables are sub (2, n, dim/2)."""
+    n = sub.shape[1]
+    return np.concatenate([sub[0][ids // n], sub[1][ids % n]], axis=-1) / np.float32(math.sqrt(2.0))
+
+
 class ProductKeyBank:
     """A bank whose keys are the product of two sub-key tables (see module doc).
 
@@ -188,8 +194,7 @@ class ProductKeyBank:
 
     def keys_of(self, ids: np.ndarray) -> np.ndarray:
         """(n, dim) key vectors of valid ids."""
-        return np.concatenate([self.sub[0][ids // self.n], self.sub[1][ids % self.n]], axis=1) \
-            / np.float32(math.sqrt(2.0))
+        return key_vectors(self.sub, ids)
 
     def gather(self, ids: np.ndarray, *, keys: bool, values: bool, out_values_dtype=None):
         flat = ids.reshape(-1)

@@ -114,3 +114,31 @@ def test_layer_over_a_product_key_base_bank(mem):
     q = torch.nn.functional.normalize(attn.q_proj(x).view(2, 3, 2, 8), dim=-1)
     ref = torch.softmax(attn.scale.view(1, 1, 2, 1) * q @ keys.T, dim=-1) @ vals
     torch.testing.assert_close(y, ref.reshape(2, 3, 8), atol=1e-5, rtol=1e-5)
+
+
+def test_layer_rebuilds_product_keys_instead_of_fetching_them(mem):
+    torch = pytest.importorskip("torch")
+    from knnlayer import KNNAttention
+
+    KNNAttention.create_base_bank(mem, "pk-a", 49, 8, 4, index="product-keys", seed=3)
+    KNNAttention.create_base_bank(mem, "pk-b", 16, 8, 4, index="product-keys", seed=4)
+    seen = []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(mem, name)
+
+        def search(self, *args, **kwargs):
+            seen.append(kwargs.get("keys"))
+            return mem.search(*args, **kwargs)
+
+    attn = KNNAttention(input_dim=6, key_dim=8, value_dim=4, num_heads=2, topk=9,
+                        memory=Spy(), banks=["pk-a", "pk-b"])
+    x = torch.randn(2, 3, 6)
+    fetched = attn(x)                       # keys travel: the layer knows nothing yet
+    attn.check_banks()                      # learns both banks are product keys
+    rebuilt = attn(x)
+    assert seen == [True, False]
+    torch.testing.assert_close(rebuilt, fetched, atol=1e-6, rtol=1e-6)
+    rebuilt.sum().backward()
+    assert attn.q_proj.weight.grad.abs().sum() > 0
