@@ -63,7 +63,7 @@ from memoryd.api import BankSpec  # noqa: E402
 from memoryd.errors import NotFound  # noqa: E402
 from memoryd.faiss_index import faiss  # noqa: E402
 from memoryd.local import LocalMemory  # noqa: E402
-from memoryd.server import wait_serving  # noqa: E402
+from memoryd.server import spawn  # noqa: E402
 from knnlayer.attention import KNNAttention  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
 
@@ -379,11 +379,7 @@ def part_seq(mem, a) -> list[dict]:
 
 
 def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    address = f"unix://{data_dir / 'memoryd.sock'}"
-    proc = subprocess.Popen([sys.executable, "-m", "memoryd.cli", "serve", "--data-dir", str(data_dir),
-                             "--log-level", "warning"], cwd=HERE.parent)
-    wait_serving(address, timeout=600, proc=proc)
-    return proc, address
+    return spawn(data_dir)
 
 
 def part_remote(mem, data_dir: Path, a) -> list[dict]:

@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memoryd.api import BankSpec  # noqa: E402
 from memoryd.local import LocalMemory  # noqa: E402
-from memoryd.server import wait_serving  # noqa: E402
+from memoryd.server import spawn  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
 
 
@@ -71,11 +71,7 @@ def build(data_dir: Path, a) -> None:
 
 
 def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    address = f"unix://{data_dir / 'memoryd.sock'}"
-    proc = subprocess.Popen([sys.executable, "-m", "memoryd.cli", "serve", "--data-dir", str(data_dir),
-                             "--log-level", "warning"])
-    wait_serving(address, timeout=600, proc=proc)  # loading 1M rows takes a while
-    return proc, address
+    return spawn(data_dir)
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memoryd.api import BankSpec, SessionSpec  # noqa: E402
 from memoryd.local import LocalMemory  # noqa: E402
-from memoryd.server import wait_serving  # noqa: E402
+from memoryd.server import spawn  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
 
 BASE = "base"
@@ -77,11 +77,7 @@ def build(root: Path, a) -> None:
 
 
 def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    address = f"unix://{data_dir / 'memoryd.sock'}"
-    proc = subprocess.Popen([sys.executable, "-m", "memoryd.cli", "serve",
-                             "--data-dir", str(data_dir), "--log-level", "warning"])
-    wait_serving(address, timeout=600, proc=proc)
-    return proc, address
+    return spawn(data_dir)
 
 
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen:

@@ -276,3 +276,15 @@ def wait_serving(address: str, *, timeout: float = 30.0, proc=None) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"memoryd at {address} was not serving within {timeout:g} s")
+
+
+def spawn(data_dir: str | Path, *extra: str, timeout: float = 600.0, **popen):
+    """Start `memoryd serve --data-dir data_dir` as a subprocess (benchmarks,
+    demos); return (process, address) once it is SERVING on its unix socket."""
+    import subprocess
+
+    address = f"unix://{Path(data_dir).resolve() / 'memoryd.sock'}"
+    proc = subprocess.Popen([sys.executable, "-m", "memoryd.cli", "serve", "--data-dir",
+                             str(data_dir), "--log-level", "warning", *extra], **popen)
+    wait_serving(address, timeout=timeout, proc=proc)  # loading a big bank takes a while
+    return proc, address
