@@ -9,7 +9,7 @@ value_dim 64, k = 32, unless a table says otherwise.
    over all K slots, in torch, chunked over queries and key blocks):
    a. random unit keys (the base bank): product keys (exact top-k at ~sqrt(K)
       cost) and a Flat bank holding the SAME keys and values, K = 10k, 100k,
-      1M, and 10M with product keys only (Flat would take ~60 s a forward and
+      1M, and 10M with product keys only (Flat would take ~70 s a forward and
       10 GB; dense at 10M is timed on 1/16 of the queries and scaled).
    b. keys derived from data: all-MiniLM-L6-v2 embeddings of sentences found
       on this machine (bench/_knn_data.py), PCA'd to 128-d and unit length;
