@@ -12,6 +12,9 @@ Forward, per head h (the seed's idea, implemented as meant):
     ids    = top-k of q_h over the union of `banks`  ONE memory.search for all B*T*H queries
     s_j    = scale_h * (q_h . k_j)                   recomputed in torch from the returned key
                                                      vectors: FAISS distances carry no gradient
+                                                     (when q needs no gradient, q . k is read
+                                                     off the returned scores instead, and no key
+                                                     vector is fetched)
     a      = softmax over the retrieved j            missing results (id -1) masked out;
                                                      a row with no result gives zeros, no NaN
     o_h    = sum_j a_j v_j
@@ -33,6 +36,10 @@ Gate: with `gate=True` a zero-initialised vector g (one entry per output
 feature) scales the output, y = tanh(g) * out, so inserting the layer into a
 trained residual model leaves its output unchanged at step 0 (the gate's own
 gradient is `out`, so it opens on the first step).
+
+The first forward reads the bound banks' specs once (`check_banks`: dims, the
+metric, whether they are product-key banks, whose key vectors are then rebuilt
+from ids instead of fetched); every forward after that is one memory request.
 
 The bank binding (names of the banks read) is explicit configuration, kept in
 the state dict as extra state. Loading a state dict saved for other banks
@@ -126,7 +133,7 @@ class KNNAttention(nn.Module):
         # write path (remember): its outputs are stored detached
         self.key_proj = nn.Linear(c.input_dim, dk, bias=c.bias)
         self.value_proj = nn.Linear(c.input_dim, dv, bias=c.bias)
-        self._pk_tables: list[np.ndarray] | bool | None = None   # see _product_key_tables
+        self._facts: BankFacts | None = None      # learnt by check_banks, on first use
         # refuse a state dict of other banks before any of this module's tensors is copied
         self.register_load_state_dict_pre_hook(_check_bank_binding)
 
@@ -141,20 +148,20 @@ class KNNAttention(nn.Module):
             self.memory = memory
         if banks is not None:
             self.config = replace(self.config, banks=tuple(banks))  # re-validated
-        self._pk_tables = None
+        self._facts = None
 
-    def check_banks(self) -> None:
-        """Raise ValueError unless every bound bank fits this module (dim, value_dim).
+    def check_banks(self) -> "BankFacts":
+        """Read the bound banks' specs; raise ValueError unless each fits this
+        module (dim, value_dim) and all share a metric.
 
-        Call it once after binding: it also learns whether all banks are
-        product-key banks, whose key vectors forward then rebuilds from ids
-        instead of fetching them. forward never asks for bank specs itself,
-        so that it stays one memory request.
+        The first forward calls it by itself (one bank_info per bank, once);
+        call it after binding to fail early. It learns the metric (to read
+        q . k off the scores) and whether all banks are product-key banks,
+        whose key vectors are then rebuilt from ids instead of fetched.
         """
         from memoryd.product_keys import is_product_keys, subkeys
         c = self.config
         specs = [self._memory().bank_info(name).spec for name in c.banks]
-        self._pk_tables = False
         for i, (name, spec) in enumerate(zip(c.banks, specs)):
             if spec.dim != c.key_dim:
                 raise ValueError(f"bank '{name}' holds {spec.dim}-d keys; this layer has key_dim {c.key_dim}")
@@ -162,8 +169,17 @@ class KNNAttention(nn.Module):
             if needs_values and spec.value_dim != c.value_dim:
                 raise ValueError(f"bank '{name}' holds {spec.value_dim}-d values; "
                                  f"this layer has value_dim {c.value_dim}")
-        if all(is_product_keys(s.index) for s in specs):
-            self._pk_tables = [subkeys(*_n_dim_seed(s)) for s in specs]
+        metrics = {s.metric for s in specs}
+        if len(metrics) > 1:
+            raise ValueError(f"banks {list(c.banks)} mix metrics {sorted(metrics)}; "
+                             "one search needs one metric")
+        tables = ([subkeys(*_n_dim_seed(s)) for s in specs]
+                  if all(is_product_keys(s.index) for s in specs) else None)
+        self._facts = BankFacts(metric=specs[0].metric, pk_tables=tables)
+        return self._facts
+
+    def _bank_facts(self) -> "BankFacts":
+        return self._facts if self._facts is not None else self.check_banks()
 
     def _memory(self) -> MemoryBackend:
         if self.memory is None:
@@ -201,18 +217,22 @@ class KNNAttention(nn.Module):
         """
         c = self.config
         q = self.queries(x.reshape(-1, c.input_dim))              # (N, H, dk), N = B*T
+        # key vectors only when a gradient must reach q through q . k
+        keys = torch.is_grad_enabled() and q.requires_grad
         if background:
-            retrieved = _search_pool().submit(self.retrieve, q.detach())
+            retrieved = _search_pool().submit(self.retrieve, q.detach(), keys)
         else:
             retrieved = Future()
-            retrieved.set_result(self.retrieve(q.detach()))
+            retrieved.set_result(self.retrieve(q.detach(), keys))
         return Pending(lead=tuple(x.shape[:-1]), q=q, retrieved=retrieved)
 
     def finish(self, pending: "Pending") -> torch.Tensor:
         """The attention output (B, T, F) for a `start`ed search."""
         c = self.config
         q, r = pending.q, pending.retrieved.result()              # q: (N, H, dk)
-        logits = self.scale[:, None] * torch.einsum("nhd,nhkd->nhk", q, r.keys)  # (N, H, k)
+        qk = (torch.einsum("nhd,nhkd->nhk", q, r.keys) if r.keys is not None
+              else r.qk)                                          # (N, H, k)
+        logits = self.scale[:, None] * qk                         # (N, H, k)
         weights = masked_softmax(logits, r.mask)                  # (N, H, k)
         values = self.gather_values(r)                            # (N, H, k, dv)
         out = torch.einsum("nhk,nhkv->nhv", weights, values)      # (N, H, dv)
@@ -229,9 +249,12 @@ class KNNAttention(nn.Module):
         q = self.q_proj(x).view(-1, c.num_heads, c.key_dim)       # (N, H, dk)
         return F.normalize(q, dim=-1, eps=c.eps)                  # (N, H, dk)
 
-    def retrieve(self, q: torch.Tensor) -> "Retrieved":
+    def retrieve(self, q: torch.Tensor, keys: bool = True) -> "Retrieved":
         """One memory.search for all N*H queries; results on q's device, module dtype.
 
+        keys=True: with the key vectors (fetched, or rebuilt for product keys);
+        False: with q . k read off the scores instead (ip: the score; l2:
+        1 - d/2, keys and queries being unit vectors), for a q without gradient.
         The only host sync of the forward is moving the queries to the host;
         results travel back through pinned memory without blocking.
         """
@@ -247,16 +270,23 @@ class KNNAttention(nn.Module):
                              from_table=torch.zeros(0, H, k, dtype=torch.bool, device=device)
                              if use_table else None,
                              keys=torch.zeros(0, H, k, dk, dtype=dtype, device=device),
+                             qk=None,
                              values=torch.zeros(0, H, k, dv, dtype=dtype, device=device)
                              if mem_values else None)
         flat = q.detach().reshape(N * H, dk).to("cpu", torch.float32).numpy()  # (N*H, dk) host sync
-        tables = self._product_key_tables()
+        facts = self._bank_facts()
+        tables = facts.pk_tables
         res: SearchResult = self._memory().search(c.banks, flat, k, values=mem_values,
-                                                  keys=tables is None)
+                                                  keys=keys and tables is None)
         ids = res.ids.reshape(N, H, k)                            # (N, H, k) host int64
         mask = ids >= 0                                           # (N, H, k) host bool
-        key_vectors = (res.keys if tables is None
-                       else _rebuild_keys(tables, res.ids, res.bank, dk))  # (N*H, k, dk)
+        key_vectors = qk = None
+        if keys:
+            key_vectors = (res.keys if tables is None
+                           else _rebuild_keys(tables, res.ids, res.bank, dk))  # (N*H, k, dk)
+        else:
+            qk = np.where(mask, _dot_of_scores(res.scores, facts.metric).reshape(N, H, k),
+                          np.float32(0))                          # (N, H, k)
         from_table = None
         if use_table:
             from_table = mask & (res.bank.reshape(N, H, k) == 0)  # (N, H, k) host bool
@@ -274,19 +304,11 @@ class KNNAttention(nn.Module):
             ids=to_device(np.where(mask, ids, 0), device),                      # (N, H, k)
             mask=to_device(mask, device),                                       # (N, H, k)
             from_table=None if from_table is None else to_device(from_table, device),
-            keys=to_device(key_vectors.reshape(N, H, k, dk), device, dtype),    # (N, H, k, dk)
+            keys=(to_device(key_vectors.reshape(N, H, k, dk), device, dtype)   # (N, H, k, dk)
+                  if key_vectors is not None else None),
+            qk=to_device(qk, device, dtype) if qk is not None else None,       # (N, H, k)
             values=(to_device(res.values.reshape(N, H, k, dv), device, dtype)   # (N, H, k, dv)
                     if mem_values else None))
-
-    def _product_key_tables(self) -> list[np.ndarray] | None:
-        """Sub-key tables of the banks when check_banks() found them all to be
-        product-key banks (else None: keys come back from the search).
-
-        Product keys are a pure function of (n, seed), so their vectors are
-        rebuilt here from the returned ids instead of crossing the wire
-        (4096 queries x k=32 x 128-d fp32 keys would be 64 MiB).
-        """
-        return self._pk_tables or None
 
     def gather_values(self, r: "Retrieved") -> torch.Tensor:
         """Values (N, H, k, dv) of the retrieved rows: the table's (trainable) or memory's."""
@@ -434,6 +456,24 @@ def _search_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+@dataclass(frozen=True)
+class BankFacts:
+    """What forward needs to know of its banks, read once by check_banks."""
+
+    metric: str                            # "l2" or "ip", shared by all banks
+    # Sub-key tables when all banks are product-key banks, else None. Product
+    # keys are a pure function of (n, seed), so their vectors are rebuilt from
+    # the returned ids instead of crossing the wire (4096 queries x k=32 x
+    # 128-d fp32 keys would be 64 MiB).
+    pk_tables: list[np.ndarray] | None
+
+
+def _dot_of_scores(scores: np.ndarray, metric: str) -> np.ndarray:
+    """q . k from search scores: ip scores are q . k; l2 scores are |q - k|^2 =
+    2 - 2 q . k for the unit queries and keys of this layer."""
+    return scores if metric == "ip" else 1.0 - 0.5 * scores
+
+
 @dataclass
 class Retrieved:
     """One search's results as tensors on the compute device."""
@@ -441,7 +481,8 @@ class Retrieved:
     ids: torch.Tensor                 # (N, H, k) int64, 0 where missing
     mask: torch.Tensor                # (N, H, k) bool, True where a result exists
     from_table: torch.Tensor | None   # (N, H, k) bool, rows of banks[0] read from the table
-    keys: torch.Tensor                # (N, H, k, dk) module dtype, zeros where missing
+    keys: torch.Tensor | None         # (N, H, k, dk) module dtype, zeros where missing
+    qk: torch.Tensor | None           # (N, H, k) q . k from the scores when keys is None
     values: torch.Tensor | None       # (N, H, k, dv) module dtype, None when all from the table
 
 

@@ -16,6 +16,11 @@ wire carries their dtype (float32/float16/bfloat16) and as float32 otherwise
 LocalMemory does, and validates everything (shapes, dims, NaN, ...), so the
 messages are the same from both backends.
 
+Search replies from a daemon on the same host come through shared memory
+(reply buffers, knnlayer/reply_buffers.py): by default whenever the address
+is a unix socket; `reply_buffers=True` also tries it over TCP (loopback),
+False never. Results are the same either way.
+
 The client names itself to the daemon (metadata `x-memoryd-client`, default
 "<hostname>:<pid>"), so the daemon's Stats.stacks says who searched what.
 """
@@ -33,7 +38,8 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from memoryd import api, errors, fastwire, wire
+from knnlayer.reply_buffers import ReplyBufferPool
+from memoryd import api, errors, fastwire, shm, wire
 from memoryd.arrays import BFLOAT16, to_numpy
 from memoryd.v1 import memory_pb2 as pb
 from memoryd.v1 import memory_pb2_grpc as pb_grpc
@@ -171,8 +177,11 @@ def _started(messages: Iterator) -> Iterator:
 
 
 def _cat(blocks: list[np.ndarray]) -> np.ndarray:
-    # Always a fresh, writable array (decoded blocks are read-only views).
-    return np.concatenate(blocks) if len(blocks) != 1 else blocks[0].copy()
+    # Always a fresh, writable array: decoded blocks are read-only views of the
+    # message (copied here), blocks read from a reply buffer are copies already.
+    if len(blocks) == 1:
+        return blocks[0] if blocks[0].flags.writeable else blocks[0].copy()
+    return np.concatenate(blocks)
 
 
 def _opt(blocks: list[np.ndarray]) -> np.ndarray | None:
@@ -217,7 +226,7 @@ class MemoryClient:
     """A MemoryBackend that talks to memoryd over gRPC."""
 
     def __init__(self, address: str, *, timeout: float | None = None, wait_ready: float = 10.0,
-                 client_name: str | None = None):
+                 client_name: str | None = None, reply_buffers: bool | None = None):
         self.address = address
         self.timeout = timeout
         self.client_name = _client_name(client_name)
@@ -230,6 +239,10 @@ class MemoryClient:
             "/memoryd.v1.Memory/Search", request_serializer=pb.SearchRequest.SerializeToString,
             response_deserializer=functools.partial(fastwire.decode, pb.SearchResponse),
             _registered_method=True)
+        if reply_buffers is None:                # same host for sure: a unix socket
+            reply_buffers = wire.grpc_target(address).startswith("unix:")
+        self._buffers = (ReplyBufferPool(self._open_reply_buffer, self._close_reply_buffer)
+                         if reply_buffers else None)
         if wait_ready:
             try:
                 grpc.channel_ready_future(self._channel).result(timeout=wait_ready)
@@ -240,6 +253,8 @@ class MemoryClient:
 
     # -- lifecycle
     def close(self) -> None:
+        if self._buffers is not None:
+            self._buffers.close()
         self._channel.close()
 
     def __enter__(self) -> "MemoryClient":
@@ -339,16 +354,60 @@ class MemoryClient:
         else:
             req = pb.SearchRequest(stack=[wire.bank_query_to_pb(q) for q in stack],
                                    queries=queries, k=k, values=values, keys=keys)
-        blocks: dict[str, list[np.ndarray]] = {f: [] for f in ("ids", "scores", "bank",
-                                                               "values", "keys")}
+        pool = self._buffers
+        buf = pool.take() if pool is not None else None
+        try:
+            result = self._search_reply(req, buf)
+        except errors.UnknownReplyBuffer:        # the daemon closed it (idle, restarted)
+            pool.drop(buf)
+            buf = None
+            result = self._search_reply(req, None)
+        except BaseException:                    # a cancelled call may still write into buf
+            if buf is not None:
+                pool.drop(buf)
+            raise
+        if pool is not None:
+            pool.give(buf, shm.layout({"ids": result.ids, "scores": result.scores,
+                                       "bank": result.bank, "values": result.values,
+                                       "keys": result.keys})[1])
+        return result
+
+    @_mapped
+    def _search_reply(self, req: pb.SearchRequest, buf: shm.MappedReplyBuffer | None
+                      ) -> api.SearchResult:
+        """Run one Search (into buf when given) and assemble its reply."""
+        req.reply_buffer = buf.handle if buf is not None else ""
+        blocks: dict[str, list] = {f: [] for f in ("ids", "scores", "bank", "values", "keys")}
         for msg in self._search(req, **self._opts):
             self._check_offset(msg.get("offset", 0), blocks["ids"], "Search")
             for f in blocks:
                 if f in msg:
                     blocks[f].append(msg[f])
+        for f, parts in blocks.items():          # arrays in the buffer: copied out of it
+            if any(isinstance(p, shm.Placed) for p in parts):
+                if buf is None or len(parts) != 1:
+                    raise errors.MemoryError(f"Search reply puts '{f}' in a reply buffer "
+                                             "this call did not offer")
+                blocks[f] = [buf.read(parts[0])]
         return api.SearchResult(ids=_cat(blocks["ids"]), scores=_cat(blocks["scores"]),
                                 bank=_cat(blocks["bank"]), values=_opt(blocks["values"]),
                                 keys=_opt(blocks["keys"]))
+
+    @_mapped
+    def _open_reply_buffer(self, size: int) -> pb.ReplyBuffer:
+        return self._stub.OpenReplyBuffer(pb.OpenReplyBufferRequest(size_bytes=size), **self._opts)
+
+    @_mapped
+    def _close_reply_buffer(self, handle: str) -> None:
+        self._stub.CloseReplyBuffer(pb.ReplyBufferRef(handle=handle), **self._opts)
+
+    @property
+    def reply_buffers(self) -> str:
+        """How search replies travel: 'shared memory', or 'socket (<why>)'."""
+        if self._buffers is None:
+            return "socket (reply buffers not asked for)"
+        return ("shared memory" if self._buffers.off_reason is None
+                else f"socket ({self._buffers.off_reason})")
 
     @_mapped
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> api.GetResult:

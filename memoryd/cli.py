@@ -35,6 +35,10 @@ def main() -> None:
 @click.option("--max-workers", type=click.IntRange(min=1), help="RPC worker threads (default 16).")
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0),
               help="Seconds in-flight calls may finish after SIGTERM (default 20).")
+@click.option("--shm-dir", help="Folder for reply buffers, the shared memory through which "
+                                "clients on this host get search results (default /dev/shm; "
+                                "'off': none, every reply goes through the socket).")
+@click.option("--shm-bytes", help="Reply buffers' total size (default 1GiB; 0: none).")
 def serve(config_file, **flags) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C.
 

@@ -12,6 +12,8 @@ A TOML file holds the same keys as Config, at top level:
     max_workers = 16
     log_level = "info"
     grace_s = 20
+    shm_dir = "/dev/shm"                 # reply buffers for same-host clients; "off" = none
+    shm_bytes = "1GiB"                   # all reply buffers together
 
 `listen` defaults to the unix socket `<data_dir>/memoryd.sock`; `catalog_url`
 defaults to None, which LocalMemory turns into `sqlite:///<data_dir>/catalog.db`.
@@ -43,6 +45,8 @@ class Config:
     max_workers: int = 16
     log_level: str = "info"
     grace_s: float = 20.0             # how long in-flight calls may finish on shutdown
+    shm_dir: Path | None = None       # reply buffers' folder; None: /dev/shm if usable
+    shm_bytes: int = 1 << 30          # all reply buffers together; 0: buffers off
 
     @property
     def socket_path(self) -> Path | None:
@@ -108,10 +112,22 @@ def _typed(raw: dict[str, Any]) -> Config:
     log_level = str(raw.get("log_level", "info")).lower()
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}; got {log_level!r}")
+    shm_dir = raw.get("shm_dir")
+    shm_bytes = raw.get("shm_bytes", 1 << 30)
+    if isinstance(shm_bytes, str):
+        from memoryd.sizes import parse_size
+        try:
+            shm_bytes = parse_size(shm_bytes)
+        except ValueError as e:
+            raise ConfigError(f"shm_bytes: {e}") from None
+    if str(shm_dir).lower() == "off":
+        shm_dir, shm_bytes = None, 0
     return Config(
         data_dir=data_dir, listen=listen, catalog_url=raw.get("catalog_url") or None,
         max_workers=_number(raw, "max_workers", 16, int, 1),
-        log_level=log_level, grace_s=_number(raw, "grace_s", 20.0, float, 0))
+        log_level=log_level, grace_s=_number(raw, "grace_s", 20.0, float, 0),
+        shm_dir=Path(str(shm_dir)).expanduser() if shm_dir else None,
+        shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", 1 << 30, int, 0))
 
 
 def _number(raw: dict[str, Any], key: str, default, kind: type, minimum):

@@ -32,6 +32,10 @@ class NotFound(MemoryError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownReplyBuffer(NotFound):
+    """A search named a reply buffer the daemon no longer has (closed or idle-expired)."""
+
+
 class AlreadyExists(MemoryError):
     code = "ALREADY_EXISTS"
 
@@ -87,4 +91,4 @@ def reason(cls: type) -> str:
 # The classes a reason may name; a client never instantiates anything else.
 BY_REASON: dict[str, type[MemoryError]] = {reason(c): c for c in (
     InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, BankFrozen,
-    NeedsTraining, QuotaExceeded, Unavailable)}
+    NeedsTraining, QuotaExceeded, Unavailable, UnknownReplyBuffer)}

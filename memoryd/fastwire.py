@@ -12,6 +12,10 @@ both directions against protobuf's own codec):
     encode(pb.SearchResponse, offset=0, ids=arr, ...) -> bytes   (one copy)
     decode(pb.SearchResponse, data) -> {"offset": 0, "ids": ndarray, ...}
         arrays are read-only views into `data` (no copy)
+
+A tensor may also be a `memoryd.shm.Placed` (dtype, shape, offset): its
+bytes lie in a reply buffer, and the Tensor carries `buffer_offset` instead
+of `data` (see memoryd/shm.py); decode returns such tensors as Placed.
 """
 from __future__ import annotations
 
@@ -20,10 +24,11 @@ import math
 import numpy as np
 
 from memoryd.errors import InvalidArgument
+from memoryd.shm import Placed
 from memoryd.wire import _FROM_PB, _TO_PB
 
 _VARINT, _LEN = 0, 2
-_TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA = 1, 2, 3
+_TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA, _TENSOR_OFFSET = 1, 2, 3, 4
 
 
 def _varint(n: int) -> bytes:
@@ -43,14 +48,17 @@ def _tag(field: int, wire_type: int) -> bytes:
     return _varint(field << 3 | wire_type)
 
 
-def _tensor_parts(a: np.ndarray) -> list:
+def _tensor_parts(a: np.ndarray | Placed) -> list:
     """The parts of an encoded Tensor message; the data part is a view, not a copy."""
-    a = np.asarray(a, order="C")
+    if not isinstance(a, Placed):
+        a = np.asarray(a, order="C")
     parts: list = [_tag(_TENSOR_DTYPE, _VARINT), _varint(_TO_PB[a.dtype])]
-    if a.ndim:
+    if len(a.shape):
         shape = b"".join(_varint(s) for s in a.shape)
         parts += [_tag(_TENSOR_SHAPE, _LEN), _varint(len(shape)), shape]
-    if a.nbytes:  # bytes, not the dtype: ml_dtypes' bfloat16 has no buffer format
+    if isinstance(a, Placed):   # optional field: written even when 0
+        parts += [_tag(_TENSOR_OFFSET, _VARINT), _varint(a.offset)]
+    elif a.nbytes:  # bytes, not the dtype: ml_dtypes' bfloat16 has no buffer format
         parts += [_tag(_TENSOR_DATA, _LEN), _varint(a.nbytes), memoryview(a.reshape(-1).view(np.uint8))]
     return parts
 
@@ -63,7 +71,7 @@ def encode(message_type, **fields) -> bytes:
         number = by_name[name].number
         if value is None:
             continue
-        if isinstance(value, np.ndarray):
+        if isinstance(value, (np.ndarray, Placed)):
             sub = _tensor_parts(value)
             parts += [_tag(number, _LEN), _varint(sum(len(p) for p in sub)), *sub]
         elif value:  # proto3 leaves zero scalars out
@@ -110,8 +118,8 @@ def _signed(n: int) -> int:
     return n - (1 << 64) if n >= 1 << 63 else n
 
 
-def _tensor(buf: memoryview, what: str) -> np.ndarray:
-    dtype, shape, data = 0, [], memoryview(b"")
+def _tensor(buf: memoryview, what: str) -> np.ndarray | Placed:
+    dtype, shape, data, offset = 0, [], memoryview(b""), None
     for number, wire_type, value in _fields(buf):
         if number == _TENSOR_DTYPE and wire_type == _VARINT:
             dtype = value
@@ -124,18 +132,24 @@ def _tensor(buf: memoryview, what: str) -> np.ndarray:
             shape.append(_signed(value))
         elif number == _TENSOR_DATA and wire_type == _LEN:
             data = value
+        elif number == _TENSOR_OFFSET and wire_type == _VARINT:
+            offset = value
     if dtype not in _FROM_PB:
         raise InvalidArgument(f"{what}: unknown or missing dtype {dtype}")
     dt = _FROM_PB[dtype]
     if any(s < 0 for s in shape):
         raise InvalidArgument(f"{what}: negative dimension in shape {tuple(shape)}")
+    if offset is not None:
+        if len(data):
+            raise InvalidArgument(f"{what}: both data and a buffer offset")
+        return Placed(dt, tuple(shape), offset)
     if len(data) != math.prod(shape) * dt.itemsize:
         raise InvalidArgument(f"{what}: {len(data)} bytes do not match shape {tuple(shape)} of {dt.name}")
     return np.frombuffer(data, dtype=dt).reshape(tuple(shape))
 
 
 def decode(message_type, data: bytes) -> dict:
-    """{field name: int | ndarray} of a serialised message_type (unset fields absent)."""
+    """{field name: int | ndarray | Placed} of a serialised message_type (unset fields absent)."""
     names = {f.number: f for f in message_type.DESCRIPTOR.fields}
     out: dict = {}
     for number, wire_type, value in _fields(memoryview(data)):

@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from concurrent import futures
 from pathlib import Path
 
@@ -34,7 +35,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memoryd import __version__, wire
+from memoryd import __version__, shm, wire
 from memoryd.api import MemoryBackend
 from memoryd.config import Config, socket_path
 from memoryd.errors import MemoryError  # noqa: A004 - the domain base class
@@ -96,13 +97,21 @@ def dial_address(listen: str, port: int) -> str:
 
 
 def create_server(backend: MemoryBackend, listen: str, *, max_workers: int = 16,
-                  health_servicer: health.HealthServicer | None = None
-                  ) -> tuple[grpc.Server, str]:
-    """Start memoryd.v1.Memory (+ health, reflection) on listen; (server, address)."""
+                  health_servicer: health.HealthServicer | None = None,
+                  buffers: shm.ReplyBuffers | None = None) -> tuple[grpc.Server, str]:
+    """Start memoryd.v1.Memory (+ health, reflection) on listen; (server, address).
+
+    buffers: the reply buffers (shared memory for same-host clients); default
+    up to 1 GiB in /dev/shm when it exists. They are unmapped when the server
+    object is collected or the process exits; serve() closes them at stop.
+    """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memoryd-rpc"),
         options=SERVER_OPTIONS)
-    add_to_server(MemoryServicer(backend), server)
+    if buffers is None:
+        buffers = shm.ReplyBuffers(shm.default_dir())
+        weakref.finalize(server, buffers.close_all)
+    add_to_server(MemoryServicer(backend, buffers), server)
     health_servicer = health_servicer or health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -214,10 +223,12 @@ def _run(config: Config) -> int:
     try:
         backend = LocalMemory(config.data_dir, config.catalog_url)
         health_servicer = health.HealthServicer()
+        buffers = shm.ReplyBuffers(config.shm_dir or shm.default_dir(),
+                                   total_bytes=config.shm_bytes)
         try:
             server, address = create_server(backend, config.listen,
                                             max_workers=config.max_workers,
-                                            health_servicer=health_servicer)
+                                            health_servicer=health_servicer, buffers=buffers)
         except BaseException:
             backend.close()
             raise
@@ -225,13 +236,15 @@ def _run(config: Config) -> int:
         log.info("memoryd started", extra={"fields": {
             "address": address, "data_dir": str(config.data_dir), "pid": os.getpid(),
             "catalog_url": config.catalog_url, "version": __version__,
-            "max_workers": config.max_workers}})
+            "max_workers": config.max_workers,
+            "reply_buffers": str(buffers.directory) if buffers.enabled else "off"}})
         while not stop.wait(1.0):
             pass
         log.info("memoryd stopping", extra={"fields": {
             "signal": signal.Signals(seen[0]).name, "grace_s": config.grace_s}})
         health_servicer.enter_graceful_shutdown()
         server.stop(config.grace_s).wait()
+        buffers.close_all()
         return _close(config, backend)
     finally:
         for s, h in previous.items():

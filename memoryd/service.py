@@ -35,7 +35,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from memoryd import api, errors, fastwire, wire
+from memoryd import api, errors, fastwire, shm, wire
 from memoryd.errors import InvalidArgument
 from memoryd.v1 import memory_pb2 as pb
 from memoryd.v1 import memory_pb2_grpc as pb_grpc
@@ -226,8 +226,9 @@ def _maybe(a: np.ndarray | None, s: slice) -> pb.Tensor | None:
 class MemoryServicer(pb_grpc.MemoryServicer):
     """memoryd.v1.Memory over any MemoryBackend."""
 
-    def __init__(self, backend: api.MemoryBackend):
+    def __init__(self, backend: api.MemoryBackend, buffers: shm.ReplyBuffers | None = None):
         self.backend = backend
+        self.buffers = buffers if buffers is not None else shm.ReplyBuffers(None)  # None: off
         self._search_takes_client = _takes_client(backend)   # inspected once
 
     # banks
@@ -285,8 +286,16 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         banks = ([wire.bank_query_from_pb(q) for q in request.stack] if request.stack
                  else list(request.banks))
         extra = {"client": _client_name(context)} if self._search_takes_client else {}
+        buf = self.buffers.get(request.reply_buffer) if request.reply_buffer else None
         r = self.backend.search(banks, queries, request.k, values=request.values,
                                 keys=request.keys, **extra)
+        if buf is not None:
+            with buf.lock:
+                placed = buf.place({"ids": r.ids, "scores": r.scores, "bank": r.bank,
+                                    "values": r.values, "keys": r.keys})
+            if placed is not None:       # else too small: inline, the client grows it
+                yield fastwire.encode(pb.SearchResponse, offset=0, **placed)
+                return
         rows = _row_bytes(r.ids, r.scores, r.bank, r.values, r.keys)
         for s in wire.chunk_slices(len(r.ids), rows):
             # already serialised (see SEARCH_HANDLER): the reply's arrays are
@@ -382,6 +391,18 @@ class MemoryServicer(pb_grpc.MemoryServicer):
     @_rpc
     def Ping(self, request, context):
         return pb.PingResponse(payload=request.payload)
+
+    # reply buffers (memoryd/shm.py)
+    @_rpc
+    def OpenReplyBuffer(self, request, context):
+        b = self.buffers.open(request.size_bytes)
+        return pb.ReplyBuffer(handle=b.handle, path=str(b.path), size_bytes=b.size,
+                              data_offset=shm.HEADER, idle_timeout_s=self.buffers.idle_s)
+
+    @_rpc
+    def CloseReplyBuffer(self, request, context):
+        self.buffers.close(request.handle)
+        return pb.CloseReplyBufferResponse()
 
 
 class _HandlerTable:

@@ -90,6 +90,39 @@ def test_flat_full_k_equals_dense_attention(mem, metric):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+
+class KeysSpy(CountingMemory):
+    """Counts calls and records whether each search asked for key vectors."""
+
+    def __init__(self, inner):
+        super().__init__(inner)
+        self.keys_asked: list[bool] = []
+
+    def search(self, *args, **kwargs):
+        self.keys_asked.append(kwargs.get("keys", False))
+        return self.inner.search(*args, **kwargs)
+
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_without_gradient_q_dot_k_comes_from_the_scores(mem, metric):
+    # 7 keys, k = 10: three results missing per query, masked in both paths
+    make_bank(mem, "m", 7, seed=31, metric=metric)
+    spy = KeysSpy(mem)
+    attn = layer(spy, ["m"], topk=10)
+    x = torch.randn(2, 4, D)
+    y_grad = attn(x)                                     # q needs a gradient: keys fetched
+    with torch.no_grad():
+        y_scores = attn(x)                               # no gradient: scores only
+    attn.requires_grad_(False)
+    y_frozen = attn(x)                                   # grad mode on, nothing to train
+    assert spy.keys_asked == [True, False, False]
+    K, V = bank_rows(mem, "m", 7)
+    ref = dense(attn.queries(x.reshape(-1, D)), attn.scale, K, V).reshape(2, 4, -1)
+    for y in (y_grad, y_scores, y_frozen):
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_output_projection_applies_to_concatenated_heads(mem):
     make_bank(mem, "m", 16, seed=2)
     attn = layer(mem, ["m"], topk=16, out_dim=7)
@@ -291,8 +324,13 @@ def test_one_search_call_per_forward(mem, T):
         banks = kw.pop("banks")
         attn = layer(counting, banks, topk=6, **kw)
         counting.calls.clear()
-        attn(torch.randn(2, T, D)).sum().backward()
-        assert counting.calls == {"search": 1}, (kw, counting.calls)
+        attn(torch.randn(2, T, D)).sum().backward()      # the first also reads the specs, once
+        assert counting.calls == {"bank_info": len(banks), "search": 1}, (kw, counting.calls)
+        for grad in (True, False):
+            counting.calls.clear()
+            with torch.set_grad_enabled(grad):
+                attn(torch.randn(2, T, D))
+            assert counting.calls == {"search": 1}, (kw, grad, counting.calls)
 
 
 def test_empty_batch_makes_no_call(mem):

@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from memoryd import fastwire, wire
 from memoryd.arrays import BFLOAT16
 from memoryd.errors import InvalidArgument
+from memoryd.shm import Placed
 from memoryd.v1 import memory_pb2 as pb
 
 DTYPES = [np.float32, np.float16, BFLOAT16, np.int64, np.int32]
@@ -61,3 +62,21 @@ def test_unpacked_shape_and_unknown_fields_are_read():
 def test_malformed_messages_are_refused(data):
     with pytest.raises(InvalidArgument):
         fastwire.decode(pb.SearchResponse, data)
+
+
+@settings(max_examples=100, deadline=None)
+@given(dtype=st.sampled_from(DTYPES), shape=st.lists(st.integers(0, 9), max_size=3),
+       buffer_offset=st.integers(0, 2**40))
+def test_a_placed_tensor_is_protobufs_buffer_offset_both_ways(dtype, shape, buffer_offset):
+    placed = Placed(np.dtype(dtype), tuple(shape), buffer_offset)
+    fast = fastwire.encode(pb.SearchResponse, offset=7, values=placed)
+    ref = pb.SearchResponse(offset=7, values=pb.Tensor(
+        dtype=wire._TO_PB[np.dtype(dtype)], shape=shape, buffer_offset=buffer_offset))
+    assert fast == ref.SerializeToString()           # offset 0 too: an optional field is sent
+    assert fastwire.decode(pb.SearchResponse, fast)["values"] == placed
+
+
+def test_a_tensor_with_both_data_and_a_buffer_offset_is_refused():
+    t = pb.Tensor(dtype=pb.INT32, shape=[1], data=b"abcd", buffer_offset=0)
+    with pytest.raises(InvalidArgument, match="both data and a buffer offset"):
+        fastwire.decode(pb.SearchResponse, pb.SearchResponse(ids=t).SerializeToString())

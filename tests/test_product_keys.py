@@ -135,10 +135,18 @@ def test_layer_rebuilds_product_keys_instead_of_fetching_them(mem):
     attn = KNNAttention(input_dim=6, key_dim=8, value_dim=4, num_heads=2, topk=9,
                         memory=Spy(), banks=["pk-a", "pk-b"])
     x = torch.randn(2, 3, 6)
-    fetched = attn(x)                       # keys travel: the layer knows nothing yet
-    attn.check_banks()                      # learns both banks are product keys
-    rebuilt = attn(x)
-    assert seen == [True, False]
-    torch.testing.assert_close(rebuilt, fetched, atol=1e-6, rtol=1e-6)
-    rebuilt.sum().backward()
+    y = attn(x)                             # q needs a gradient: key vectors, rebuilt from ids
+    with torch.no_grad():
+        y_scores = attn(x)                  # no gradient: q . k read off the scores
+    assert seen == [False, False]           # product keys never travel
+    # reference: the same attention over key vectors fetched from the banks
+    q = attn.queries(x.reshape(-1, 6)).detach()                               # (6, 2, 8)
+    r = mem.search(["pk-a", "pk-b"], q.reshape(-1, 8).numpy(), 9, values=True, keys=True)
+    keys = torch.from_numpy(r.keys).reshape(6, 2, 9, 8)                       # (N, H, k, dk)
+    vals = torch.from_numpy(r.values).reshape(6, 2, 9, 4)                     # (N, H, k, dv)
+    w = torch.softmax(attn.scale.detach().view(1, 2, 1) * torch.einsum("nhd,nhkd->nhk", q, keys), -1)
+    ref = torch.einsum("nhk,nhkv->nhv", w, vals).reshape(2, 3, 8)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y_scores, ref, atol=1e-5, rtol=1e-5)
+    y.sum().backward()
     assert attn.q_proj.weight.grad.abs().sum() > 0

@@ -43,14 +43,16 @@ DOMAIN: BankKind
 SESSION: BankKind
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "buffer_offset")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_OFFSET_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    buffer_offset: int
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., buffer_offset: _Optional[int] = ...) -> None: ...
 
 class BankSpec(_message.Message):
     __slots__ = ("name", "kind", "dim", "value_dim", "value_dtype", "metric", "index", "shards", "quota_bytes", "tenant", "tier", "eviction")
@@ -186,20 +188,22 @@ class BankQuery(_message.Message):
     def __init__(self, name: _Optional[str] = ..., k: _Optional[int] = ..., bias: _Optional[float] = ..., exclude: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("banks", "queries", "k", "values", "keys", "stack")
+    __slots__ = ("banks", "queries", "k", "values", "keys", "stack", "reply_buffer")
     BANKS_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BUFFER_FIELD_NUMBER: _ClassVar[int]
     banks: _containers.RepeatedScalarFieldContainer[str]
     queries: Tensor
     k: int
     values: bool
     keys: bool
     stack: _containers.RepeatedCompositeFieldContainer[BankQuery]
-    def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., values: _Optional[bool] = ..., keys: _Optional[bool] = ..., stack: _Optional[_Iterable[_Union[BankQuery, _Mapping]]] = ...) -> None: ...
+    reply_buffer: str
+    def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., values: _Optional[bool] = ..., keys: _Optional[bool] = ..., stack: _Optional[_Iterable[_Union[BankQuery, _Mapping]]] = ..., reply_buffer: _Optional[str] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("offset", "ids", "scores", "bank", "values", "keys")
@@ -503,6 +507,36 @@ class StatsResponse(_message.Message):
     stacks: _containers.RepeatedCompositeFieldContainer[StackUse]
     tenants: _containers.RepeatedCompositeFieldContainer[TenantInfo]
     def __init__(self, version: _Optional[str] = ..., data_dir: _Optional[str] = ..., catalog_url: _Optional[str] = ..., uptime_s: _Optional[float] = ..., banks: _Optional[_Iterable[_Union[BankInfo, _Mapping]]] = ..., used_bytes: _Optional[int] = ..., num_gpus: _Optional[int] = ..., stacks: _Optional[_Iterable[_Union[StackUse, _Mapping]]] = ..., tenants: _Optional[_Iterable[_Union[TenantInfo, _Mapping]]] = ...) -> None: ...
+
+class OpenReplyBufferRequest(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+
+class ReplyBuffer(_message.Message):
+    __slots__ = ("handle", "path", "size_bytes", "data_offset", "idle_timeout_s")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    path: str
+    size_bytes: int
+    data_offset: int
+    idle_timeout_s: float
+    def __init__(self, handle: _Optional[str] = ..., path: _Optional[str] = ..., size_bytes: _Optional[int] = ..., data_offset: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ...) -> None: ...
+
+class ReplyBufferRef(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+
+class CloseReplyBufferResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class PingRequest(_message.Message):
     __slots__ = ("payload",)

@@ -159,6 +159,16 @@ class MemoryStub:
                 request_serializer=memoryd_dot_v1_dot_memory__pb2.PingRequest.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memory__pb2.PingResponse.FromString,
                 _registered_method=True)
+        self.OpenReplyBuffer = channel.unary_unary(
+                '/memoryd.v1.Memory/OpenReplyBuffer',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.OpenReplyBufferRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.ReplyBuffer.FromString,
+                _registered_method=True)
+        self.CloseReplyBuffer = channel.unary_unary(
+                '/memoryd.v1.Memory/CloseReplyBuffer',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.ReplyBufferRef.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.CloseReplyBufferResponse.FromString,
+                _registered_method=True)
 
 
 class MemoryServicer:
@@ -314,6 +324,18 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenReplyBuffer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseReplyBuffer(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -441,6 +463,16 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=memoryd_dot_v1_dot_memory__pb2.PingRequest.FromString,
                     response_serializer=memoryd_dot_v1_dot_memory__pb2.PingResponse.SerializeToString,
+            ),
+            'OpenReplyBuffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenReplyBuffer,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.OpenReplyBufferRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.ReplyBuffer.SerializeToString,
+            ),
+            'CloseReplyBuffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseReplyBuffer,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.ReplyBufferRef.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.CloseReplyBufferResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1118,6 +1150,60 @@ class Memory:
             '/memoryd.v1.Memory/Ping',
             memoryd_dot_v1_dot_memory__pb2.PingRequest.SerializeToString,
             memoryd_dot_v1_dot_memory__pb2.PingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenReplyBuffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/OpenReplyBuffer',
+            memoryd_dot_v1_dot_memory__pb2.OpenReplyBufferRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.ReplyBuffer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseReplyBuffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/CloseReplyBuffer',
+            memoryd_dot_v1_dot_memory__pb2.ReplyBufferRef.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.CloseReplyBufferResponse.FromString,
             options,
             channel_credentials,
             insecure,

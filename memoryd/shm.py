@@ -1,0 +1,281 @@
+"""Reply buffers: search results handed to a client on the same host through shared memory.
+
+A search reply is mostly array bytes (4096 queries x k=32 x 64 fp16 values
+is 16 MiB). Through a unix socket they are copied by the server into the
+message, twice by the kernel, and once more by the client, which costs about
+as much as the search. With a reply buffer the daemon writes the arrays into
+a file in shared memory that the client has mapped, and the reply message
+only says where they lie (Tensor.buffer_offset): one copy on each side.
+
+Lifecycle (the daemon owns every buffer, as Triton's system shared memory
+does with the roles swapped, so a client can never point it at a file):
+
+    OpenReplyBuffer(size)  daemon creates <dir>/memoryd-<pid>-<handle> (0600),
+                           reserves its pages (posix_fallocate: a full tmpfs
+                           is an error here, never a SIGBUS later), writes
+                           MAGIC + handle in the header, maps it
+    client                 maps the file read-only and checks the header: a
+                           client on another host (or in another /dev/shm)
+                           sees no such file or another handle, and falls back
+    Search(reply_buffer=h) daemon writes the reply there and, the first time,
+                           unlinks the file: from then on it lives exactly as
+                           long as the two mappings, so nothing leaks when
+                           either process dies
+    CloseReplyBuffer(h)    or idle for `idle_s`, or daemon stop: unmapped
+
+A daemon also removes files of dead daemons' pids at start (buffers opened
+but never used by a client that died).
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, UnknownReplyBuffer
+
+MAGIC = b"memoryd reply buffer v1\0"
+HEADER = mmap.PAGESIZE                # MAGIC + handle; data starts page aligned
+ALIGN = 64                            # each array starts on a cache line
+MAX_BUFFER_BYTES = 1 << 30            # one buffer; a reply this big goes inline
+DEFAULT_TOTAL_BYTES = 1 << 30         # all buffers of one daemon
+DEFAULT_IDLE_S = 300.0
+_NAME = re.compile(r"^memoryd-(\d+)-([0-9a-f]{32})$")
+
+
+def default_dir() -> Path | None:
+    """/dev/shm when it is a writable directory (Linux), else None: buffers off."""
+    d = Path("/dev/shm")
+    return d if d.is_dir() and os.access(d, os.W_OK | os.X_OK) else None
+
+
+def aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def layout(arrays: dict[str, np.ndarray | None]) -> tuple[dict[str, int], int]:
+    """({name: byte offset in the data area}, bytes needed) for the arrays, in order."""
+    offsets, end = {}, 0
+    for name, a in arrays.items():
+        if a is not None:
+            offsets[name] = end
+            end = aligned(end + a.nbytes)
+    return offsets, end
+
+
+@dataclass(frozen=True)
+class Placed:
+    """An array that lies in a reply buffer: what Tensor.buffer_offset describes."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int                       # from the start of the data area
+
+    def __len__(self) -> int:                 # rows, like an ndarray's len
+        return self.shape[0] if self.shape else 0
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class ReplyBufferFile:
+    """One buffer, daemon side: the file's mapping and the lock writers hold."""
+
+    def __init__(self, path: Path, handle: str, size: int, now: float):
+        self.path, self.handle, self.size = path, handle, size
+        self.lock = threading.Lock()                 # held by place and close
+        self.last_used = now
+        self.unlinked = self.closed = False
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, HEADER + size)
+            except OSError as e:         # ENOSPC: the tmpfs is full
+                fs = os.statvfs(path.parent)
+                total = fs.f_blocks * fs.f_frsize
+                raise QuotaExceeded(str(path.parent), total - fs.f_bavail * fs.f_frsize, total,
+                                    HEADER + size, scope="shared memory") from e
+            self._mm = mmap.mmap(fd, HEADER + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        os.close(fd)                               # the mapping keeps the file open
+        self._mm[: len(MAGIC) + 32] = MAGIC + handle.encode()
+        self._data = np.frombuffer(self._mm, np.uint8, count=size, offset=HEADER)  # (size,)
+
+    def place(self, arrays: dict[str, np.ndarray | None]) -> dict[str, Placed] | None:
+        """Copy the arrays into the data area; None when they do not fit. Hold self.lock."""
+        if self.closed:                              # closed while this search ran
+            raise UnknownReplyBuffer(f"reply buffer '{self.handle[:8]}…' was closed")
+        offsets, need = layout(arrays)
+        if need > self.size:
+            return None
+        placed = {}
+        for name, off in offsets.items():
+            a = np.ascontiguousarray(arrays[name])
+            raw = a.reshape(-1).view(np.uint8)                       # (nbytes,)
+            self._data[off: off + raw.size] = raw
+            placed[name] = Placed(a.dtype, tuple(a.shape), off)
+        if not self.unlinked:      # the client has mapped it (it only sends mapped handles)
+            self.path.unlink(missing_ok=True)
+            self.unlinked = True
+        return placed
+
+    def close(self) -> None:
+        """Unmap (hold self.lock); the client's mapping stays valid until it unmaps."""
+        if self.closed:
+            return
+        self.closed = True
+        self._data = None
+        self._mm.close()
+        if not self.unlinked:
+            self.path.unlink(missing_ok=True)
+
+
+class ReplyBuffers:
+    """The daemon's open reply buffers: open, look up by handle, close, expire."""
+
+    def __init__(self, directory: Path | None = None, *, total_bytes: int = DEFAULT_TOTAL_BYTES,
+                 idle_s: float = DEFAULT_IDLE_S, clock: Callable[[], float] = time.monotonic):
+        self.directory = directory
+        self.total_bytes, self.idle_s, self.clock = total_bytes, idle_s, clock
+        self._open: dict[str, ReplyBufferFile] = {}
+        self._lock = threading.Lock()
+        if directory is not None:
+            remove_stale(directory)
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None and self.total_bytes > 0
+
+    def used_bytes(self) -> int:
+        with self._lock:
+            return sum(b.size for b in self._open.values())
+
+    def open(self, size: int) -> ReplyBufferFile:
+        if not self.enabled:
+            raise FailedPrecondition("reply buffers are off on this daemon (no shared-memory dir)")
+        if not 0 < size <= min(MAX_BUFFER_BYTES, self.total_bytes):
+            raise InvalidArgument(f"reply buffer size must be in 1..{min(MAX_BUFFER_BYTES, self.total_bytes)} "
+                                  f"bytes; got {size}")
+        size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.expire()
+        handle = secrets.token_hex(16)
+        with self._lock:
+            used = sum(b.size for b in self._open.values())
+            if used + size > self.total_bytes:
+                raise QuotaExceeded("reply buffers", used, self.total_bytes, size, scope="daemon")
+            path = self.directory / f"memoryd-{os.getpid()}-{handle}"
+            buf = ReplyBufferFile(path, handle, size, self.clock())
+            self._open[handle] = buf
+        return buf
+
+    def get(self, handle: str) -> ReplyBufferFile:
+        with self._lock:
+            buf = self._open.get(handle)
+        if buf is None:
+            raise UnknownReplyBuffer(f"reply buffer '{handle[:8]}…' is not open on this daemon "
+                                     "(closed or idle too long): open another")
+        buf.last_used = self.clock()
+        return buf
+
+    def close(self, handle: str) -> None:
+        with self._lock:
+            buf = self._open.pop(handle, None)
+        if buf is None:
+            raise UnknownReplyBuffer(f"reply buffer '{handle[:8]}…' is not open on this daemon")
+        with buf.lock:                       # after a write in flight
+            buf.close()
+
+    def expire(self) -> int:
+        """Close the buffers unused for idle_s; how many."""
+        now = self.clock()
+        with self._lock:
+            old = [h for h, b in self._open.items() if now - b.last_used > self.idle_s]
+            bufs = [self._open.pop(h) for h in old]
+        for b in bufs:
+            with b.lock:
+                b.close()
+        return len(bufs)
+
+    def close_all(self) -> None:
+        with self._lock:
+            bufs, self._open = list(self._open.values()), {}
+        for b in bufs:
+            with b.lock:
+                b.close()
+
+
+def remove_stale(directory: Path) -> int:
+    """Unlink buffer files left by daemons that are no longer running; how many."""
+    removed = 0
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        m = _NAME.match(p.name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                p.unlink()
+                removed += 1
+            except OSError:
+                pass                         # another user's file, or raced away
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True                          # someone else's live process
+    return True
+
+
+# ---- the client's side ----------------------------------------------------------------------
+
+class MappedReplyBuffer:
+    """One buffer, client side: a read-only mapping checked against its handle."""
+
+    def __init__(self, handle: str, path: str, size: int, data_offset: int):
+        """Raises OSError or ValueError when the file is not the daemon's (another host)."""
+        self.handle, self.size = handle, size
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            self._mm = mmap.mmap(fd, data_offset + size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        if self._mm[: len(MAGIC) + 32] != MAGIC + handle.encode():
+            self._mm.close()
+            raise ValueError(f"{path} is not reply buffer {handle[:8]}…")
+        self._offset = data_offset
+
+    def read(self, p: Placed, out: np.ndarray | None = None) -> np.ndarray:
+        """A writable copy of a placed array (into `out` when given)."""
+        if p.offset < 0 or p.offset + p.nbytes > self.size:
+            raise InvalidArgument(f"reply array at {p.offset}+{p.nbytes} lies outside the "
+                                  f"{self.size}-byte buffer")
+        view = np.frombuffer(self._mm, p.dtype, count=int(np.prod(p.shape, dtype=np.int64)),
+                             offset=self._offset + p.offset).reshape(p.shape)
+        if out is None:
+            return view.copy()
+        out[...] = view
+        return out
+
+    def close(self) -> None:
+        try:
+            self._mm.close()
+        except BufferError:                  # a view still alive: the GC unmaps it later
+            pass
