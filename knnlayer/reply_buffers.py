@@ -10,6 +10,9 @@ buffer of its own, sized by what the replies turned out to need:
     second search of a kind on, replies come through shared memory;
   * a buffer whose search failed is dropped, never reused: a cancelled call
     may still be writing into it;
+  * when the daemon has no room for a size (its --shm-bytes, or a small
+    /dev/shm as in a default container), that size and larger ones are not
+    asked for again for RETRY_AFTER_S: a refused open costs an RPC;
   * when the daemon cannot offer buffers (off, full, older) or the client
     cannot map them (another host or /dev/shm), the pool turns itself off
     and says why in `off_reason`; searches go on through the socket.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable
 
 from memoryd import errors, shm
@@ -28,6 +32,7 @@ log = logging.getLogger("knnlayer.client")
 MAX_BUFFERS = 4               # searches in flight at once that use shared memory
 MIN_REPLY_BYTES = 64 << 10    # smaller replies stay inline: the socket is as fast
 MIN_BUFFER_BYTES = 1 << 20
+RETRY_AFTER_S = 60.0          # after the daemon had no room for a size, before asking again
 
 
 def buffer_size(needed: int) -> int:
@@ -44,6 +49,7 @@ class ReplyBufferPool:
         self._free: list[shm.MappedReplyBuffer] = []
         self._count = 0                          # open buffers, free or in use
         self._lock = threading.Lock()
+        self._refused: tuple[int, float] | None = None   # (size, when) of the last "no room"
         self.off_reason: str | None = None
 
     def take(self) -> shm.MappedReplyBuffer | None:
@@ -60,11 +66,15 @@ class ReplyBufferPool:
             self.drop(buf)
         if self.off_reason is not None or not MIN_REPLY_BYTES <= needed <= shm.MAX_BUFFER_BYTES:
             return
+        size = buffer_size(needed)
+        if self._refused is not None and size >= self._refused[0] \
+                and time.monotonic() - self._refused[1] < RETRY_AFTER_S:
+            return
         with self._lock:
             if self._count >= MAX_BUFFERS:
                 return
             self._count += 1                     # reserved before the RPC: no overshoot
-        new = self._open(buffer_size(needed))
+        new = self._open(size)
         with self._lock:
             if new is None:
                 self._count -= 1
@@ -94,7 +104,8 @@ class ReplyBufferPool:
         except errors.MemoryError as e:          # off, full, or a daemon without buffers
             if getattr(e, "code", "") == "UNIMPLEMENTED" or isinstance(e, errors.FailedPrecondition):
                 self._turn_off(f"the daemon offers no reply buffers: {e}")
-            else:                                # full: try again after the next search
+            else:                                # no room: not this size again for a while
+                self._refused = (size, time.monotonic())
                 log.debug("no reply buffer of %d bytes: %s", size, e)
             return None
         try:

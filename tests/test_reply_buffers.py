@@ -252,11 +252,19 @@ def test_a_full_daemon_means_inline_replies_not_an_error(rig, tmp_path):
     mem, start = rig
     bufs = shm.ReplyBuffers(tmp_path, total_bytes=1 << 20)
     c = start(bufs)
+    asked = []
+    real_open = bufs.open
+    bufs.open = lambda size: asked.append(size) or real_open(size)
     q = queries(3000)
-    ref = mem.search("b", q, 20, values=True)                        # ~4 MiB: no buffer that big
-    for _ in range(2):
+    ref = mem.search("b", q, 20, values=True)                        # ~4.6 MiB: an 8 MiB buffer
+    for _ in range(3):
         assert_same(c.search("b", q, 20, values=True), ref)
+    assert asked == [8 << 20]                                        # asked once, not every search
     assert bufs.used_bytes() == 0 and c.reply_buffers == "shared memory"   # still willing
+    small = queries(300)                                             # a smaller size may still fit
+    for _ in range(2):
+        assert_same(c.search("b", small, 20, values=True), mem.search("b", small, 20, values=True))
+    assert asked == [8 << 20, 1 << 20] and bufs.used_bytes() == 1 << 20
 
 
 def test_concurrent_searches_each_get_their_own_buffer(rig, tmp_path):
