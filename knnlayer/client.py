@@ -347,21 +347,20 @@ class MemoryClient:
         # The shared checks: a bad k or stack must not reach int32/double packing.
         stack = api.bank_list(banks)
         k = api.check_k(k)
-        queries = _encode(_as_float32(queries), "queries")
+        queries = _as_float32(queries)
         if wire.is_plain(stack):   # the common case, and what older daemons understand
-            req = pb.SearchRequest(banks=[q.name for q in stack], queries=queries, k=k,
-                                   values=values, keys=keys)
+            req = pb.SearchRequest(banks=[q.name for q in stack], k=k, values=values, keys=keys)
         else:
             req = pb.SearchRequest(stack=[wire.bank_query_to_pb(q) for q in stack],
-                                   queries=queries, k=k, values=values, keys=keys)
+                                   k=k, values=values, keys=keys)
         pool = self._buffers
         buf = pool.take() if pool is not None else None
         try:
-            result = self._search_reply(req, buf)
+            result = self._search_reply(req, queries, buf)
         except errors.UnknownReplyBuffer:        # the daemon closed it (idle, restarted)
             pool.drop(buf)
             buf = None
-            result = self._search_reply(req, None)
+            result = self._search_reply(req, queries, None)
         except BaseException:                    # a cancelled call may still write into buf
             if buf is not None:
                 pool.drop(buf)
@@ -373,10 +372,19 @@ class MemoryClient:
         return result
 
     @_mapped
-    def _search_reply(self, req: pb.SearchRequest, buf: shm.MappedReplyBuffer | None
-                      ) -> api.SearchResult:
-        """Run one Search (into buf when given) and assemble its reply."""
+    def _search_reply(self, req: pb.SearchRequest, queries: np.ndarray,
+                      buf: shm.MappedReplyBuffer | None) -> api.SearchResult:
+        """Run one Search (through buf when given) and assemble its reply.
+
+        With a buffer, the queries go in it too when they fit (the daemon
+        reads them before it writes the reply over them).
+        """
         req.reply_buffer = buf.handle if buf is not None else ""
+        if buf is not None and queries.ndim == 2 and queries.nbytes <= buf.size:
+            p = buf.write(queries)
+            req.queries.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=p.shape, buffer_offset=p.offset))
+        else:
+            req.queries.CopyFrom(_encode(queries, "queries"))
         blocks: dict[str, list] = {f: [] for f in ("ids", "scores", "bank", "values", "keys")}
         for msg in self._search(req, **self._opts):
             self._check_offset(msg.get("offset", 0), blocks["ids"], "Search")

@@ -139,6 +139,22 @@ def _required(msg, field: str, what: str) -> np.ndarray:
     return wire.decode(getattr(msg, field), what)
 
 
+def _search_queries(request: pb.SearchRequest, buf: shm.ReplyBufferFile | None) -> np.ndarray:
+    """The queries: from the message, or copied out of the reply buffer (before the
+    reply is written over them)."""
+    t = request.queries
+    if not (request.HasField("queries") and t.HasField("buffer_offset")):
+        return _required(request, "queries", "queries")
+    if buf is None:
+        raise InvalidArgument("queries: a buffer offset, but no reply_buffer named")
+    if t.dtype not in wire._FROM_PB or len(t.data):
+        raise InvalidArgument("queries: a buffer offset needs a dtype and no data")
+    if any(s < 0 for s in t.shape):
+        raise InvalidArgument(f"queries: negative dimension in shape {tuple(t.shape)}")
+    with buf.lock:
+        return buf.read(shm.Placed(wire._FROM_PB[t.dtype], tuple(t.shape), t.buffer_offset))
+
+
 def _concat(parts: list[np.ndarray], what: str) -> np.ndarray:
     """Rows of all chunks as one array; chunks must agree on dtype and row shape."""
     if len(parts) == 1:
@@ -282,11 +298,11 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     @_rpc
     def Search(self, request, context) -> Iterator[pb.SearchResponse]:
-        queries = _required(request, "queries", "queries")
         banks = ([wire.bank_query_from_pb(q) for q in request.stack] if request.stack
                  else list(request.banks))
         extra = {"client": _client_name(context)} if self._search_takes_client else {}
         buf = self.buffers.get(request.reply_buffer) if request.reply_buffer else None
+        queries = _search_queries(request, buf)
         r = self.backend.search(banks, queries, request.k, values=request.values,
                                 keys=request.keys, **extra)
         if buf is not None:

@@ -28,6 +28,7 @@ but never used by a client that died).
 """
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import re
@@ -84,7 +85,7 @@ class Placed:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize      # Python ints: no overflow
 
 
 class ReplyBufferFile:
@@ -112,6 +113,12 @@ class ReplyBufferFile:
         os.close(fd)                               # the mapping keeps the file open
         self._mm[: len(MAGIC) + 32] = MAGIC + handle.encode()
         self._data = np.frombuffer(self._mm, np.uint8, count=size, offset=HEADER)  # (size,)
+
+    def read(self, p: Placed) -> np.ndarray:
+        """A copy of an array the client wrote (its queries). Hold self.lock."""
+        if self.closed:
+            raise UnknownReplyBuffer(f"reply buffer '{self.handle[:8]}…' was closed")
+        return view(self._mm, HEADER, self.size, p).copy()
 
     def place(self, arrays: dict[str, np.ndarray | None]) -> dict[str, Placed] | None:
         """Copy the arrays into the data area; None when they do not fit. Hold self.lock."""
@@ -244,17 +251,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def view(mm: mmap.mmap, data_offset: int, size: int, p: Placed) -> np.ndarray:
+    """The array p describes, as a view into a buffer's data area; checked to lie inside it."""
+    if p.offset < 0 or p.offset + p.nbytes > size:
+        raise InvalidArgument(f"array at {p.offset}+{p.nbytes} lies outside the "
+                              f"{size}-byte reply buffer")
+    return np.frombuffer(mm, p.dtype, count=math.prod(p.shape),
+                         offset=data_offset + p.offset).reshape(p.shape)
+
+
 # ---- the client's side ----------------------------------------------------------------------
 
 class MappedReplyBuffer:
-    """One buffer, client side: a read-only mapping checked against its handle."""
+    """One buffer, client side: a mapping checked against its handle.
+
+    The client reads replies from it and may write its queries at offset 0
+    (the daemon copies them out before it writes the reply).
+    """
 
     def __init__(self, handle: str, path: str, size: int, data_offset: int):
         """Raises OSError or ValueError when the file is not the daemon's (another host)."""
         self.handle, self.size = handle, size
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR)
         try:
-            self._mm = mmap.mmap(fd, data_offset + size, mmap.MAP_SHARED, mmap.PROT_READ)
+            self._mm = mmap.mmap(fd, data_offset + size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         if self._mm[: len(MAGIC) + 32] != MAGIC + handle.encode():
@@ -262,17 +283,15 @@ class MappedReplyBuffer:
             raise ValueError(f"{path} is not reply buffer {handle[:8]}…")
         self._offset = data_offset
 
-    def read(self, p: Placed, out: np.ndarray | None = None) -> np.ndarray:
-        """A writable copy of a placed array (into `out` when given)."""
-        if p.offset < 0 or p.offset + p.nbytes > self.size:
-            raise InvalidArgument(f"reply array at {p.offset}+{p.nbytes} lies outside the "
-                                  f"{self.size}-byte buffer")
-        view = np.frombuffer(self._mm, p.dtype, count=int(np.prod(p.shape, dtype=np.int64)),
-                             offset=self._offset + p.offset).reshape(p.shape)
-        if out is None:
-            return view.copy()
-        out[...] = view
-        return out
+    def read(self, p: Placed) -> np.ndarray:
+        """A writable copy of a placed array."""
+        return view(self._mm, self._offset, self.size, p).copy()
+
+    def write(self, a: np.ndarray) -> Placed:
+        """Copy a (the queries) to the start of the data area."""
+        p = Placed(a.dtype, tuple(a.shape), 0)
+        view(self._mm, self._offset, self.size, p)[...] = a
+        return p
 
     def close(self) -> None:
         try:

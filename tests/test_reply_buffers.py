@@ -323,3 +323,37 @@ def test_serve_config_for_reply_buffers(tmp_path):
     assert cfg.load(None, env={}, data_dir=str(tmp_path), shm_dir="off").shm_bytes == 0
     with pytest.raises(cfg.ConfigError, match="shm_bytes"):
         cfg.load(None, env={}, data_dir=str(tmp_path), shm_bytes="lots")
+
+
+def test_queries_travel_in_the_buffer_too(rig, tmp_path, monkeypatch):
+    mem, start = rig
+    c = start(shm.ReplyBuffers(tmp_path))
+    reads = []
+    real_read = shm.ReplyBufferFile.read
+    monkeypatch.setattr(shm.ReplyBufferFile, "read", lambda self, p: reads.append(p) or real_read(self, p))
+    q = queries(700)
+    ref = mem.search("b", q, 20, values=True, keys=True)
+    for _ in range(3):
+        assert_same(c.search("b", q, 20, values=True, keys=True), ref)
+    assert reads == [shm.Placed(np.dtype(np.float32), (700, 16), 0)] * 2   # not the first: no buffer yet
+
+
+@pytest.mark.parametrize("tensor, message", [
+    (dict(dtype=1, shape=[2, 16], buffer_offset=0), "no reply_buffer named"),
+    (dict(dtype=1, shape=[2, 16], buffer_offset=1 << 40), "outside"),
+    (dict(dtype=1, shape=[1 << 62, 1 << 62], buffer_offset=0), "outside"),
+    (dict(dtype=1, shape=[-2, 16], buffer_offset=0), "negative dimension"),
+    (dict(dtype=1, shape=[2, 16], buffer_offset=0, data=b"x" * 128), "no data"),
+])
+def test_bad_query_offsets_are_invalid_arguments(rig, tmp_path, tensor, message):
+    import grpc
+    from memoryd.v1 import memory_pb2 as pb
+    mem, start = rig
+    bufs = shm.ReplyBuffers(tmp_path)
+    c = start(bufs)
+    handle = "" if message == "no reply_buffer named" else bufs.open(4096).handle
+    req = pb.SearchRequest(banks=["b"], k=3, queries=pb.Tensor(**tensor), reply_buffer=handle)
+    with pytest.raises(grpc.RpcError) as e:
+        list(c._stub.Search(req))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
+    assert c.search("b", queries(2), 3).ids.shape == (2, 3)          # the daemon is fine
