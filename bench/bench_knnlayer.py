@@ -11,11 +11,18 @@ value_dim 64, k = 32, unless a table says otherwise.
       cost) and a Flat bank holding the SAME keys and values, K = 10k, 100k,
       1M, and 10M with product keys only (Flat would take ~70 s a forward and
       10 GB; dense at 10M is timed on 1/16 of the queries and scaled).
-   b. keys derived from data: all-MiniLM-L6-v2 embeddings of sentences found
-      on this machine (bench/_knn_data.py), PCA'd to 128-d and unit length;
-      queries are embeddings of held-out documents. Flat vs IVF vs HNSW32 with
-      nprobe/efSearch swept on the bank's own index and the smallest setting
-      reaching recall@32 >= 0.95 kept (full sweep at the largest K).
+   b. keys derived from data, from text found on this machine
+      (bench/_knn_data.py), K = 10k, 100k, 1M: by default (--text-keys tokens)
+      the last-layer hidden states of all-MiniLM-L6-v2, one key per token, as a
+      kNN-memory transformer stores them (~40k sentences make 1M keys); queries
+      are token states from held-out documents, one per sentence. With
+      --text-keys sentences, sentence embeddings instead (K up to ~760k, the
+      corpus' size; default 10k, 100k, 300k). PCA'd to 128-d and unit length.
+      Flat vs IVF vs HNSW32 with nprobe/efSearch swept on the bank's own index
+      and the smallest setting reaching recall@32 >= 0.95 kept (full sweep at
+      the largest K); also how many queries have near ties at the top-32
+      boundary, recall counting those ties as hits, and the share of queries
+      an index all but misses (recall < 0.5: the whole output is off).
    Recall@32 is against the exact top-32 (from the dense pass); the relative
    error ||y - y_exact|| / ||y_exact|| is against exact top-32 attention
    (the same layer on the exact neighbours): what an index can get right. How
@@ -26,22 +33,27 @@ value_dim 64, k = 32, unless a table says otherwise.
    B = 1, N = 1k..64k; standard attention stops where it would pass
    --seq-limit (60) seconds.
 3. The same layer forward with memory=LocalMemory vs memory=MemoryClient to a
-   `memoryd serve` subprocess on the same data dir (unix socket), and the
-   bare search beside it, with and without key vectors.
+   `memoryd serve` subprocess on the same data dir (unix socket): replies
+   through reply buffers (shared memory, the default) and through the socket
+   alone; under no_grad and with grad (key vectors for Flat banks); the bare
+   search beside it.
 
-    python bench/bench_knnlayer.py            # full run: ~10 min on 2 cores once embeddings are cached
+    python bench/bench_knnlayer.py            # full run: ~15 min on 2 cores once token states are cached
     python bench/bench_knnlayer.py --quick    # smoke run: ~1.5 min once the corpus is cached
     python bench/bench_knnlayer.py --parts text --data-sizes 10k,100k,300k,750k   # one part, other sizes
+    python bench/bench_knnlayer.py --parts text --text-keys sentences           # sentence-embedding keys
 
 Banks go to a temp dir (or --data-dir, where banks of the right size are
-reused). The first run also builds the text corpus (~2-3 min) and embeds it
-(300k sentences: ~12 min on 2 quiet cores, much longer on a busy machine);
-both are cached under bench/out/ (git-ignored).
+reused). The first run also builds the text corpus (~2-3 min) and runs the
+model on it (token keys, 1M tokens of ~40k sentences: ~1.5-3 min on 2 cores;
+sentence keys, 300k sentences: ~12 min on 2 quiet cores, much longer on a busy
+machine); all are cached under bench/out/ (git-ignored).
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import math
 import shutil
@@ -383,6 +395,13 @@ def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def part_remote(mem, data_dir: Path, a) -> list[dict]:
+    """The same layer over LocalMemory and over a daemon subprocess on the same data dir.
+
+    Remote twice: with reply buffers (shared memory, the default over a unix
+    socket) and with every reply through the socket. The layer ratio is under
+    no_grad (inference: q.k read off the scores, no key vectors); "with grad"
+    times the training forward, where Flat banks' fp32 key vectors travel too.
+    """
     t = time.perf_counter()
     proc, address = start_daemon(data_dir)
     log(f"  daemon serving {data_dir} after {time.perf_counter() - t:.0f}s")
@@ -390,41 +409,46 @@ def part_remote(mem, data_dir: Path, a) -> list[dict]:
     torch.manual_seed(1)
     x = torch.randn(1, a.positions, a.input_dim)
     try:
-        with MemoryClient(address) as client:
+        with MemoryClient(address) as shm_client, \
+                MemoryClient(address, reply_buffers=False) as sock_client:
             banks = [f"pk-{K}" for K in sorted(set(a.sizes + a.pk_only_sizes))]
             banks += [f"flat-{K}" for K in a.remote_flat]
             first = True
             for bank in banks:
                 local = make_layer(mem, bank, a.input_dim, a)
-                remote = make_layer(client, bank, a.input_dim, a)
+                remote = make_layer(shm_client, bank, a.input_dim, a)
+                sock = make_layer(sock_client, bank, a.input_dim, a)
                 q = local.queries(x.reshape(-1, a.input_dim)).reshape(-1, a.key_dim).numpy()
+
+                def grad(layer):
+                    with torch.enable_grad():
+                        return layer(x)
                 paths = {"local": lambda: local(x), "remote": lambda: remote(x),
-                         "search local": lambda: mem.search(bank, q, a.k, values=True, keys=True),
-                         "search remote": lambda: client.search(bank, q, a.k, values=True, keys=True),
-                         "values local": lambda: mem.search(bank, q, a.k, values=True, keys=False),
-                         "values remote": lambda: client.search(bank, q, a.k, values=True, keys=False)}
-                est = {}
+                         "remote socket": lambda: sock(x),
+                         "grad local": lambda: grad(local), "grad remote": lambda: grad(remote),
+                         "values local": lambda: mem.search(bank, q, a.k, values=True),
+                         "values remote": lambda: shm_client.search(bank, q, a.k, values=True),
+                         "values socket": lambda: sock_client.search(bank, q, a.k, values=True)}
+                est, outs = {}, {}
                 for name, fn in paths.items():      # warm-up (the first bank: a few calls)
-                    for _ in range(3 if first else 1):
-                        out, est[name] = timed(fn)
-                        if name == "local":
-                            y_local = out
-                        elif name == "remote":
-                            y_remote = out
+                    for _ in range(3 if first else 2):   # 2: the reply buffer opens after the 1st
+                        outs[name], est[name] = timed(fn)
                 first = False
                 times = interleaved(paths, repeats_for(sum(est.values()), a), est)
                 kind, K = bank.split("-")
                 rows.append({"bank": bank, "kind": "product keys" if kind == "pk" else "Flat",
-                             "K": int(K), "local": times["local"], "remote": times["remote"],
+                             "K": int(K), **{n.replace(" ", "_"): t for n, t in times.items()},
                              "ratio": times["remote"] / times["local"],
-                             "search_ratio": times["search remote"] / times["search local"],
+                             "socket_ratio": times["remote socket"] / times["local"],
+                             "grad_ratio": times["grad remote"] / times["grad local"],
                              "values_ratio": times["values remote"] / times["values local"],
-                             "search_local": times["search local"], "values_local": times["values local"],
-                             "search_remote": times["search remote"],
-                             "values_remote": times["values remote"],
-                             "same": bool(torch.equal(y_local, y_remote))})
+                             "values_socket_ratio": times["values socket"] / times["values local"],
+                             "same": all(torch.equal(outs["local"], outs[n])
+                                         for n in ("remote", "remote socket"))
+                                     and torch.equal(outs["grad local"], outs["grad remote"]),
+                             "transport": shm_client.reply_buffers})
                 log(f"  remote {bank}: " + ", ".join(f"{n} {t:.3f}s" for n, t in times.items())
-                    + f"; layer ratio {rows[-1]['ratio']:.2f}")
+                    + f"; layer ratio {rows[-1]['ratio']:.2f} (socket {rows[-1]['socket_ratio']:.2f})")
     finally:
         proc.terminate()
         proc.wait(60)
@@ -432,6 +456,9 @@ def part_remote(mem, data_dir: Path, a) -> list[dict]:
 
 
 # ---- part 1b: keys from text -------------------------------------------------------------
+TIE_TOL = 1e-4      # scores this close to the exact k-th count as ties (part 1b tie column)
+
+
 def nlist_for(K: int) -> int:
     """IVF lists: ~4 sqrt(K) as a power of two, with >= 39 training points per list."""
     n = 2 ** round(math.log2(4 * math.sqrt(K)))
@@ -442,38 +469,44 @@ def nlist_for(K: int) -> int:
 
 def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
     import _knn_data as kd
-    t0 = time.perf_counter()
-    corpus = kd.load_corpus(log)
     kmax = max(a.data_sizes)
     nq = a.positions * a.heads
-    emb = kd.embeddings(corpus, "memory", kmax, log)
-    qemb = kd.embeddings(corpus, "held_out", nq, log)
-    mean, comps, explained = kd.pca_projection(emb[: min(kmax, 200_000)], a.key_dim)
-    keys_all = kd.project(emb, mean, comps)                             # (kmax, dk) unit
-    queries = kd.project(qemb, mean, comps)                             # (nq, dk) unit
-    del emb, qemb
+    keys_all, queries, info = kd.text_keys(a.text_keys, kmax, nq, a.key_dim, log)   # (kmax, dk), (nq, dk)
     rng = np.random.default_rng(7)
     values_all = rng.standard_normal((kmax, a.value_dim), dtype=np.float32).astype(np.float16)
-    info = {"memory_sentences": len(corpus["memory"]), "held_out_sentences": len(corpus["held_out"]),
-            "sources": corpus["sources"], "pca_explained": explained, "prep_s": time.perf_counter() - t0}
-    log(f"  text keys ready: {kmax:,} keys, {nq:,} held-out queries, PCA-{a.key_dim} keeps "
-        f"{explained:.0%} of the variance  [{info['prep_s']:.0f}s]")
-    # x: position n carries H held-out sentence embeddings, one per head; q_proj = identity
+    info["tie_tol"] = TIE_TOL
+    log(f"  text keys ready ({a.text_keys}): {kmax:,} keys from {info['key_sentences']:,} sentences, "
+        f"{nq:,} queries from {info['query_sentences']:,} held-out sentences, PCA-{a.key_dim} keeps "
+        f"{info['pca_explained']:.0%} of the variance, {info['duplicate_keys']:,} duplicate keys  "
+        f"[{info['prep_s']:.0f}s]")
+    # x: position n carries H held-out query vectors, one per head; q_proj = identity
     x = torch.from_numpy(queries).reshape(1, a.positions, a.heads * a.key_dim)
+    prefix = {"tokens": "tok", "sentences": "sent"}[a.text_keys]
     rows, sweep = [], []
+    info["build_s"] = {}
     with LocalMemory(data_dir) as mem:
         for K in sorted(a.data_sizes):
             t1 = time.perf_counter()
             nlist = nlist_for(K)
             specs = {"Flat": "Flat", "IVF": f"IVF{nlist},Flat", "HNSW32": "HNSW32"}
+            # a bank is reused only if it holds these very keys and values: its name ends in
+            # their hash (the PCA, hence the keys, depends on the largest K and the key kind)
+            h = hashlib.sha1(keys_all[:K])                   # contiguous rows: no copy
+            h.update(values_all[:K])
+            digest = h.hexdigest()[:8]
+            banks = {name: f"{prefix}-{name.lower()}-{K}-{digest}" for name in specs}
             layers = {}
             for name, spec in specs.items():
-                bank = f"text-{name.lower()}-{K}"
+                bank = banks[name]
+                for old in mem.list_banks():                    # stale: same index and K, other keys
+                    if old.name.startswith(f"{prefix}-{name.lower()}-{K}-") and old.name != bank:
+                        mem.delete_bank(old.name)
                 if not exists(mem, bank, K):
                     t = time.perf_counter()
                     mem.create_bank(BankSpec(bank, dim=a.key_dim, value_dim=a.value_dim,
                                              kind="domain", index=spec, value_dtype="float16"))
                     mem.add(bank, keys_all[:K], values_all[:K], ids=np.arange(K, dtype=np.int64))
+                    info["build_s"][f"{spec} K={K}"] = time.perf_counter() - t
                     log(f"  built {bank} ({spec}) in {time.perf_counter() - t:.0f}s")
                 layers[name] = make_layer(mem, bank, a.heads * a.key_dim, a, identity=True)
             keys = torch.from_numpy(keys_all[:K])
@@ -483,12 +516,21 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
             (y_dense, exact, mass), t_ref = timed(lambda: dense_attention(qs, keys, values, topk=a.k))
             exact_np = exact.numpy()
             y_top = topk_attention(qs, keys, values, exact)
-            res = {"K": K, "mass": float(mass.mean()), "dense_vs_top": cosine(y_top, y_dense)}
+            # near ties at the top-k boundary: exact (k+1)-best scores of the unit queries
+            top = kd.top_scores(keys_all[:K], queries, a.k + 1)                 # (nq, k+1)
+            kth = top[:, a.k - 1]
+
+            def tie_recall(ids):
+                return kd.tie_recall(keys_all[:K], queries, ids, kth, TIE_TOL)
+
+            res = {"K": K, "mass": float(mass.mean()), "dense_vs_top": cosine(y_top, y_dense),
+                   "tie_frac": float((kth - top[:, a.k] < TIE_TOL).mean()),
+                   "kth_score": float(np.median(kth))}
             # sweep the approximate indexes' search parameter on the bank's own index
             chosen = {}
             for name, param, grid in (("IVF", "nprobe", [p for p in a.nprobe if p <= nlist]),
                                       ("HNSW32", "efSearch", a.ef_search)):
-                index = mem._banks[f"text-{name.lower()}-{K}"].shards[0].index
+                index = mem._banks[banks[name]].shards[0].index
                 pick = None
                 for v in grid:
                     faiss.ParameterSpace().set_index_parameters(index, f"{param}={v}")
@@ -497,7 +539,8 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
                     dt = time.perf_counter() - t
                     r = recall(ids, exact_np)
                     sweep.append({"K": K, "index": specs[name], "param": param, "value": v,
-                                  "time": dt, "recall": r, "err": rel_err(y, y_top)})
+                                  "time": dt, "recall": r, "err": rel_err(y, y_top),
+                                  "recall_ties": tie_recall(ids), "lost": kd.lost_share(ids, exact_np)})
                     if pick is None and r >= a.target_recall:
                         pick = v
                         if not (a.full_sweep or K == kmax):   # the largest K: the whole curve
@@ -518,7 +561,8 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
                 rows.append({**res, "path": f"KNNAttention, {name}",
                              "spec": chosen.get(name, "Flat"), "time": times[name],
                              "speedup": times["dense"] / times[name],
-                             "recall": recall(ids, exact_np), "err": rel_err(y, y_top)})
+                             "recall": recall(ids, exact_np), "err": rel_err(y, y_top),
+                             "recall_ties": tie_recall(ids), "lost": kd.lost_share(ids, exact_np)})
             log(f"  text K={K:,}: " + ", ".join(f"{n} {t:.3f}s" for n, t in times.items())
                 + f"  {chosen}  [{time.perf_counter() - t1:.0f}s]")
     return rows, sweep, info
@@ -557,28 +601,7 @@ def print_tables(a, rand, text, sweep, info, seq, remote, wall) -> None:
                   f"x{nq // sub[0]['measured_on']} (dense cost is linear in queries); recall and "
                   "error at that K are over those queries. Flat is not run at that size.")
     if text:
-        kmax = max(r["K"] for r in text)
-        print(f"\n**1b. Keys from text**: all-MiniLM-L6-v2 embeddings of {kmax:,} sentences "
-              f"(of {info['memory_sentences']:,} unique ones in Python docstrings/comments, man pages "
-              f"and /usr/share/doc on this machine), PCA to {a.key_dim}-d (keeps "
-              f"{info['pca_explained']:.0%} of the variance) and unit length; queries: {nq:,} "
-              "sentences from held-out documents. Search parameter: the smallest reaching "
-              f"recall@32 >= {a.target_recall}.\n")
-        print("| K | path | index | time (s) | x faster than dense | recall@32 | rel. error vs exact top-32 |")
-        print("|---:|---|---|---:|---:|---:|---:|")
-        for r in text:
-            dense = r["path"].startswith("dense")
-            spec = f"`{r['spec']}`".replace("|", "\\|") if r["spec"] else ""
-            print(f"| {r['K']:,} | {r['path']} | {spec} | {r['time']:.3f} | "
-                  + ("1 | | |" if dense else
-                     f"{r['speedup']:,.1f} | {r['recall']:.4f} | {r['err']:.1e} |"))
-        print(f"\nSweep at K = {kmax:,} (one forward each; time includes the whole layer):\n")
-        print("| index | setting | time (s) | recall@32 | rel. error |")
-        print("|---|---|---:|---:|---:|")
-        for s in sweep:
-            if s["K"] == kmax:
-                print(f"| {s['index']} | {s['param']}={s['value']} | {s['time']:.3f} | "
-                      f"{s['recall']:.3f} | {s['err']:.1e} |")
+        print_text_tables(a, text, sweep, info)
     if rand or text:
         print("\n**What top-32 attention leaves out** (dense softmax over all K vs softmax over the "
               "exact top-32, same scale sqrt(key_dim)):\n")
@@ -610,24 +633,74 @@ def print_tables(a, rand, text, sweep, info, seq, remote, wall) -> None:
                 print(f"\n{name}: log-log slope over N >= {big[0][0]:,}: {slope:.2f}", end="")
         print()
     if remote:
-        mb_kv = nq * a.k * (4 * a.key_dim + 2 * a.value_dim + 16) / 2**20
         mb_v = nq * a.k * (2 * a.value_dim + 16) / 2**20
-        print(f"\n**3. Remote vs in-process**: the same forward ({nq:,} queries, k = {a.k}) with "
-              "memory=LocalMemory vs memory=MemoryClient to `memoryd serve` on the same data dir "
-              "(unix socket). The layer (after `check_banks()`) rebuilds product keys from the "
-              f"returned ids and fetches fp16 values only ({mb_v:.0f} MiB per reply); from a Flat "
-              f"bank it also fetches the fp32 key vectors ({mb_kv:.0f} MiB), to recompute q.k with "
-              "a gradient. Beside it, the bare search with keys+values and with values only, "
-              "remote / local.\n")
-        print("| bank | K | LocalMemory (s) | MemoryClient (s) | layer ratio | search ratio, keys+values "
-              "| search ratio, values only | same output |")
-        print("|---|---:|---:|---:|---:|---:|---:|---|")
+        mb_k = nq * a.k * 4 * a.key_dim / 2**20
+        print(f"\n**3. Remote vs in-process**: the same layer forward ({nq:,} queries, k = {a.k}) "
+              "with memory=LocalMemory vs memory=MemoryClient to a `memoryd serve` subprocess on "
+              "the same data dir, over its unix socket: replies through reply buffers (shared "
+              "memory, the default there) and, beside it, through the socket alone "
+              "(`reply_buffers=False`). Under no_grad the layer reads q.k off the returned scores "
+              f"and fetches fp16 values, ids and scores ({mb_v:.0f} MiB a reply); with grad, "
+              f"Flat banks also return fp32 key vectors (+{mb_k:.0f} MiB) and product keys are "
+              "rebuilt from ids. Last columns: the bare search (values only), remote / local.\n")
+        print("| bank | K | LocalMemory (ms) | MemoryClient (ms) | **layer ratio** | socket only "
+              "| with grad (ms) | with grad ratio | search ratio (socket only) | same output |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in remote:
-            print(f"| {r['kind']} | {r['K']:,} | {r['local']:.3f} | {r['remote']:.3f} | "
-                  f"{r['ratio']:.2f} | {r['search_ratio']:.2f} ({r['search_local'] * 1e3:.0f} -> "
-                  f"{r['search_remote'] * 1e3:.0f} ms) | {r['values_ratio']:.2f} "
-                  f"({r['values_local'] * 1e3:.0f} -> {r['values_remote'] * 1e3:.0f} ms) | "
+            print(f"| {r['kind']} | {r['K']:,} | {r['local'] * 1e3:.0f} | {r['remote'] * 1e3:.0f} | "
+                  f"**{r['ratio']:.2f}** | {r['socket_ratio']:.2f} | "
+                  f"{r['grad_local'] * 1e3:.0f} -> {r['grad_remote'] * 1e3:.0f} | "
+                  f"{r['grad_ratio']:.2f} | {r['values_ratio']:.2f} ({r['values_socket_ratio']:.2f}) | "
                   f"{'yes' if r['same'] else 'NO'} |")
+        print(f"\nReplies travelled through: {remote[0]['transport']}.")
+
+def print_text_tables(a, text, sweep, info) -> None:
+    """Part 1b of print_tables: keys from text (token states or sentence embeddings)."""
+    nq = a.positions * a.heads
+    kmax = max(r["K"] for r in text)
+    where = (f"{info['memory_sentences']:,} unique sentences in Python docstrings/comments, man pages "
+             "and /usr/share/doc on this machine")
+    pca = (f"PCA to {a.key_dim}-d (keeps {info['pca_explained']:.0%} of the variance) and unit length")
+    if info.get("kind", "sentences") == "tokens":
+        print(f"\n**1b. Keys from text: token hidden states.** One key per token: the last-layer "
+              f"outputs of all-MiniLM-L6-v2 for the real tokens ([CLS], [SEP], padding dropped) of "
+              f"{info['key_sentences']:,} sentences ({kmax / info['key_sentences']:.1f} tokens a "
+              f"sentence; a smaller K is the first K tokens), of {where}; {pca}. Queries: {nq:,} "
+              f"token states, one at a random position of each of {info['query_sentences']:,} "
+              f"sentences from held-out documents (none dropped). {info['duplicate_keys']:,} "
+              "exact duplicate keys.", end="")
+    else:
+        print(f"\n**1b. Keys from text: sentence embeddings.** all-MiniLM-L6-v2 embeddings of "
+              f"{kmax:,} sentences (of {where}); {pca}. Queries: {nq:,} sentences from held-out "
+              "documents.", end="")
+    print(f" Search parameter: the smallest reaching recall@32 >= {a.target_recall}.\n")
+    tol = info.get("tie_tol")          # absent in results of older runs: no tie/lost columns
+    tie_col = f" recall@32, ties within {tol:g} count | queries with recall < 0.5 |" if tol else ""
+    print(f"| K | path | index | time (s) | x faster than dense | recall@32 |{tie_col} "
+          "rel. error vs exact top-32 |")
+    print("|---:|---|---|---:|---:|---:|" + ("---:|---:|" if tol else "") + "---:|")
+    for r in text:
+        dense = r["path"].startswith("dense")
+        spec = f"`{r['spec']}`".replace("|", "\\|") if r["spec"] else ""
+        ties = (" | |" if dense else f" {r['recall_ties']:.4f} | {r['lost']:.2%} |") if tol else ""
+        print(f"| {r['K']:,} | {r['path']} | {spec} | {r['time']:.3f} | "
+              + ("1 | |" + ties + " |" if dense else
+                 f"{r['speedup']:,.1f} | {r['recall']:.4f} |{ties} {r['err']:.1e} |"))
+    if tol:
+        print(f"\nNear ties at the top-32 boundary: queries whose exact 32nd and 33rd scores differ "
+              f"by less than {tol:g}: " + ", ".join(
+                  f"{r['tie_frac']:.1%} at K = {fmt_k(r['K'])} (median 32nd score {r['kth_score']:.3f})"
+                  for r in text if r["path"].startswith("dense")) + ". The ties column counts a "
+              f"retrieved key as a hit when its score is within {tol:g} of the exact 32nd.")
+    print(f"\nSweep at K = {kmax:,} (one forward each; time includes the whole layer):\n")
+    print("| index | setting | time (s) | recall@32 |" + (" with ties | recall < 0.5 |" if tol else "")
+          + " rel. error |")
+    print("|---|---|---:|---:|" + ("---:|---:|" if tol else "") + "---:|")
+    for s in sweep:
+        if s["K"] == kmax:
+            ties = f" {s['recall_ties']:.3f} | {s['lost']:.2%} |" if tol else ""
+            print(f"| {s['index']} | {s['param']}={s['value']} | {s['time']:.3f} | "
+                  f"{s['recall']:.3f} |{ties} {s['err']:.1e} |")
 
 
 def plot(path: Path, a, rand, text, sweep, seq, remote) -> None:
@@ -676,7 +749,9 @@ def plot(path: Path, a, rand, text, sweep, seq, remote) -> None:
                 ax[0, 0].annotate(f"{r['speedup']:,.0f}x", (r["K"], r["time"]), textcoords="offset points",
                                   xytext=(4, -12), fontsize=8, color="tab:red")
     if text:
-        curves(ax[0, 1], text, "1b. text-embedding keys (tuned to recall@32 >= %.2f)" % a.target_recall)
+        what = {"tokens": "token hidden states", "sentences": "sentence embeddings"}.get(
+            getattr(a, "text_keys", "sentences"), "text")
+        curves(ax[0, 1], text, f"1b. keys from text: {what} (recall@32 >= {a.target_recall:.2f})")
         for r in text:
             if r["path"].endswith(("IVF", "HNSW32")):
                 ax[0, 1].annotate(f"{r['speedup']:,.0f}x", (r["K"], r["time"]), textcoords="offset points",
@@ -726,10 +801,12 @@ def plot(path: Path, a, rand, text, sweep, seq, remote) -> None:
         axis = ax[1, 1]
         labels = [f"{'PK' if r['kind'] == 'product keys' else 'Flat'} {fmt_k(r['K'])}" for r in remote]
         xs = np.arange(len(remote))
-        for off, key, name, c in ((-0.27, "ratio", "layer forward", "tab:red"),
-                                  (0.0, "search_ratio", "search, keys+values", "tab:orange"),
-                                  (0.27, "values_ratio", "search, values only", "tab:gray")):
+        bars = (("ratio", "layer, reply buffers", "tab:red"),
+                ("socket_ratio", "layer, socket only", "tab:orange"),
+                ("grad_ratio", "layer with grad, reply buffers", "tab:gray"))
+        for i, (key, name, c) in enumerate(bars):
             vals = [r[key] for r in remote]
+            off = (i - 1) * 0.27
             axis.bar(xs + off, vals, width=0.26, color=c, label=name)
             for xi, v in zip(xs + off, vals):
                 axis.annotate(f"{v:.2f}", (xi, v), ha="center", fontsize=7,
@@ -737,7 +814,7 @@ def plot(path: Path, a, rand, text, sweep, seq, remote) -> None:
         axis.set_xticks(xs, labels)
         axis.axhline(1.25, color="k", ls="--", lw=1, label="target 1.25 (layer)")
         axis.axhline(1.0, color="k", lw=0.5)
-        axis.set_ylim(0, max(1.5, 1.15 * max(max(r["ratio"], r["search_ratio"]) for r in remote)))
+        axis.set_ylim(0, max(1.5, 1.15 * max(r[key] for r in remote for key, _, _ in bars)))
         axis.set_ylabel("MemoryClient time / LocalMemory time")
         axis.set_title(f"3. remote (daemon, unix socket) / in-process, {nq} queries")
         axis.legend(fontsize=8, loc="upper right")
@@ -782,7 +859,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: a 1-2 minute smoke run")
     p.add_argument("--sizes", type=ints, default=None, help="K of part 1a (rounded to squares): 10k,100k,1M")
     p.add_argument("--pk-only-sizes", type=ints, default=None, help="K with product keys only: 10M")
-    p.add_argument("--data-sizes", type=ints, default=None, help="K of part 1b: 10k,100k,300k")
+    p.add_argument("--data-sizes", type=ints, default=None,
+                   help="K of part 1b: 10k,100k,1M for token keys, 10k,100k,300k for sentence keys "
+                        "(the corpus has ~760k memory sentences)")
+    p.add_argument("--text-keys", choices=["tokens", "sentences"], default="tokens",
+                   help="part 1b keys: last-layer token states (one key per token, default) or "
+                        "sentence embeddings")
     p.add_argument("--seq", type=ints, default=None, help="N of part 2: 1k,2k,...,64k")
     p.add_argument("--seq-bank", type=lambda t: ints(t)[0], default=None, help="product-key K of part 2 (1M)")
     p.add_argument("--seq-limit", type=float, default=60.0, help="skip standard attention above (s)")
@@ -815,7 +897,8 @@ def main() -> None:
     a.sizes = [square(k) for k in (a.sizes or ([10_000, 100_000] if q else [10_000, 100_000, 1_000_000]))]
     a.pk_only_sizes = [square(k) for k in (a.pk_only_sizes if a.pk_only_sizes is not None
                                            else ([] if q else [10_000_000]))]
-    a.data_sizes = a.data_sizes or ([10_000, 20_000] if q else [10_000, 100_000, 300_000])
+    a.data_sizes = a.data_sizes or ([10_000, 20_000] if q else [10_000, 100_000, 1_000_000]
+                                    if a.text_keys == "tokens" else [10_000, 100_000, 300_000])
     a.seq = a.seq or ([1024, 2048, 4096, 8192] if q else [1024 << i for i in range(7)])
     a.seq_bank = square(a.seq_bank or (100_000 if q else 1_000_000))
     a.remote_flat = [square(k) for k in (a.remote_flat if a.remote_flat is not None else a.sizes[:2])]
