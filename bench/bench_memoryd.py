@@ -8,7 +8,10 @@ queries with k=32 and values returned:
              gather (values[ids]) in this process: the floor
   local      LocalMemory.search (validation, locks, id->row lookup, gather)
   client     MemoryClient.search against `memoryd serve` in another process,
-             over its unix socket (encode, stream, decode)
+             over its unix socket, the reply through a reply buffer (shared
+             memory, the default there)
+  socket     the same with reply_buffers=False: the reply streamed through
+             the socket (encode, stream, decode)
 
 and single-query (nq=1) latency through the daemon next to a bare gRPC
 round trip (Ping) on the same socket. Prints a markdown table.
@@ -93,11 +96,12 @@ def main() -> None:
     q = np.load(data_dir / "queries.npy")
 
     # The daemon serves the data dir while this process opens it too, read
-    # only, so that the three paths can be timed in interleaved rounds: no
+    # only, so that the four paths can be timed in interleaved rounds: no
     # path is favoured by warm caches or by a quiet moment of the machine.
     proc, address = start_daemon(data_dir)
     try:
-        with LocalMemory(data_dir) as mem, MemoryClient(address) as client:
+        with LocalMemory(data_dir) as mem, MemoryClient(address) as client, \
+                MemoryClient(address, reply_buffers=False) as sock:
             bank = mem._banks["bench"]
             index = bank.shards[0].index
             values = bank.shards[0].store.values.data        # ids == rows: assigned 0..n-1
@@ -108,7 +112,8 @@ def main() -> None:
 
             paths = {"faiss": bare,
                      "local": lambda: mem.search("bench", q, a.k, values=True),
-                     "client": lambda: client.search("bench", q, a.k, values=True)}
+                     "client": lambda: client.search("bench", q, a.k, values=True),
+                     "socket": lambda: sock.search("bench", q, a.k, values=True)}
             times = interleaved(paths, a.repeat)
             one = q[:1]
             lat_search = [_call_ms(lambda: client.search("bench", one, a.k, values=True))
@@ -120,7 +125,10 @@ def main() -> None:
     t_faiss = times["faiss"]
     rows = [("in-process FAISS search + value gather", t_faiss, 1.0),
             ("LocalMemory.search", times["local"], times["local"] / t_faiss),
-            ("MemoryClient.search (daemon, unix socket)", times["client"], times["client"] / t_faiss)]
+            ("MemoryClient.search (daemon, unix socket, reply buffer)", times["client"],
+             times["client"] / t_faiss),
+            ("MemoryClient.search (daemon, unix socket only)", times["socket"],
+             times["socket"] / t_faiss)]
 
     mb = a.nq * a.k * a.dim * 2 / 2**20
     print(f"\n{a.n:,} x {a.dim}-d keys, {a.index}, {a.dim}-d fp16 values; "

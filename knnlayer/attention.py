@@ -254,7 +254,7 @@ class KNNAttention(nn.Module):
 
         keys=True: with the key vectors (fetched, or rebuilt for product keys);
         False: with q . k read off the scores instead (ip: the score; l2:
-        1 - d/2, keys and queries being unit vectors), for a q without gradient.
+        (|q|^2 + 1 - d) / 2, keys being unit vectors), for a q without gradient.
         The only host sync of the forward is moving the queries to the host;
         results travel back through pinned memory without blocking.
         """
@@ -285,7 +285,7 @@ class KNNAttention(nn.Module):
             key_vectors = (res.keys if tables is None
                            else _rebuild_keys(tables, res.ids, res.bank, dk))  # (N*H, k, dk)
         else:
-            qk = np.where(mask, _dot_of_scores(res.scores, facts.metric).reshape(N, H, k),
+            qk = np.where(mask, _dot_of_scores(res.scores, facts.metric, flat).reshape(N, H, k),
                           np.float32(0))                          # (N, H, k)
         from_table = None
         if use_table:
@@ -468,10 +468,14 @@ class BankFacts:
     pk_tables: list[np.ndarray] | None
 
 
-def _dot_of_scores(scores: np.ndarray, metric: str) -> np.ndarray:
-    """q . k from search scores: ip scores are q . k; l2 scores are |q - k|^2 =
-    2 - 2 q . k for the unit queries and keys of this layer."""
-    return scores if metric == "ip" else 1.0 - 0.5 * scores
+def _dot_of_scores(scores: np.ndarray, metric: str, queries: np.ndarray) -> np.ndarray:
+    """q . k (nq, k) from search scores (nq, k) of queries (nq, dk): ip scores are
+    q . k; l2 scores are |q - k|^2 = |q|^2 + 1 - 2 q . k for the unit keys of
+    this layer (|q| is 1 too, except for a zero query row, whose q . k is 0)."""
+    if metric == "ip":
+        return scores
+    q_sq = np.einsum("nd,nd->n", queries, queries)[:, None]               # (nq, 1)
+    return 0.5 * (q_sq + 1.0 - scores)
 
 
 @dataclass

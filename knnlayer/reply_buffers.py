@@ -50,6 +50,7 @@ class ReplyBufferPool:
         self._count = 0                          # open buffers, free or in use
         self._lock = threading.Lock()
         self._refused: tuple[int, float] | None = None   # (size, when) of the last "no room"
+        self._closed = False
         self.off_reason: str | None = None
 
     def take(self) -> shm.MappedReplyBuffer | None:
@@ -58,6 +59,9 @@ class ReplyBufferPool:
 
     def give(self, buf: shm.MappedReplyBuffer | None, needed: int) -> None:
         """Return buf after a search whose reply needed `needed` bytes."""
+        if buf is not None and self._closed:     # the client closed during this search
+            self.drop(buf)
+            return
         if buf is not None and buf.size >= needed:
             with self._lock:
                 self._free.append(buf)
@@ -88,12 +92,13 @@ class ReplyBufferPool:
         buf.close()
         try:
             self._close_rpc(buf.handle)
-        except errors.MemoryError:               # already gone (idle-expired, daemon restarted)
+        except (errors.MemoryError, ValueError):  # already gone (idle, restart); channel closed
             pass
 
     def close(self) -> None:
         with self._lock:
             bufs, self._free = self._free, []
+            self._closed = True
         for buf in bufs:
             self.drop(buf)
         self.off_reason = self.off_reason or "client closed"

@@ -110,6 +110,7 @@ def test_without_gradient_q_dot_k_comes_from_the_scores(mem, metric):
     spy = KeysSpy(mem)
     attn = layer(spy, ["m"], topk=10)
     x = torch.randn(2, 4, D)
+    x[1, 2] = 0                                          # a zero query: q . k = 0 in both paths
     y_grad = attn(x)                                     # q needs a gradient: keys fetched
     with torch.no_grad():
         y_scores = attn(x)                               # no gradient: scores only

@@ -357,3 +357,15 @@ def test_bad_query_offsets_are_invalid_arguments(rig, tmp_path, tensor, message)
         list(c._stub.Search(req))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in e.value.details()
     assert c.search("b", queries(2), 3).ids.shape == (2, 3)          # the daemon is fine
+
+
+def test_a_search_that_ends_after_close_drops_its_buffer(rig, tmp_path):
+    mem, start = rig
+    bufs = shm.ReplyBuffers(tmp_path)
+    c = start(bufs)
+    q = queries(600)
+    c.search("b", q, 20, values=True)                    # a buffer now exists
+    buf = c._buffers.take()                              # as a search in flight holds it
+    c.close()
+    c._buffers.give(buf, 1 << 20)                        # that search ends: dropped, no error
+    assert c._buffers._count == 0 and not c._buffers._free
