@@ -10,11 +10,15 @@ only says where they lie (Tensor.buffer_offset): one copy on each side.
 Lifecycle (the daemon owns every buffer, as Triton's system shared memory
 does with the roles swapped, so a client can never point it at a file):
 
-    OpenReplyBuffer(size)  daemon creates <dir>/memoryd-<pid>-<handle> (0600),
+    OpenReplyBuffer(size)  daemon creates <dir>/memoryd-<uid>/memoryd-<pid>-<handle>
+                           (mode 0660 less the umask: the daemon's group may
+                           map it, as the clients in group memoryd of
+                           deploy/memoryd.service do; the folder is 0710, so
+                           nobody else can list the handles in the names),
                            reserves its pages (posix_fallocate: a full tmpfs
                            is an error here, never a SIGBUS later), writes
                            MAGIC + handle in the header, maps it
-    client                 maps the file read-only and checks the header: a
+    client                 maps the file and checks the header: a
                            client on another host (or in another /dev/shm)
                            sees no such file or another handle, and falls back
     Search(reply_buffer=h) daemon writes the reply there and, the first time,
@@ -28,11 +32,13 @@ but never used by a client that died).
 """
 from __future__ import annotations
 
+import logging
 import math
 import mmap
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -42,6 +48,8 @@ from typing import Callable
 import numpy as np
 
 from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, UnknownReplyBuffer
+
+log = logging.getLogger("memoryd.shm")
 
 MAGIC = b"memoryd reply buffer v1\0"
 HEADER = mmap.PAGESIZE                # MAGIC + handle; data starts page aligned
@@ -96,7 +104,7 @@ class ReplyBufferFile:
         self.lock = threading.Lock()                 # held by place and close
         self.last_used = now
         self.unlinked = self.closed = False
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)   # less the umask
         try:
             try:
                 os.posix_fallocate(fd, 0, HEADER + size)
@@ -154,12 +162,13 @@ class ReplyBuffers:
 
     def __init__(self, directory: Path | None = None, *, total_bytes: int = DEFAULT_TOTAL_BYTES,
                  idle_s: float = DEFAULT_IDLE_S, clock: Callable[[], float] = time.monotonic):
-        self.directory = directory
+        """directory: where the daemon's own folder memoryd-<uid> goes (None: buffers off)."""
+        self.directory = own_folder(directory) if directory is not None else None
         self.total_bytes, self.idle_s, self.clock = total_bytes, idle_s, clock
         self._open: dict[str, ReplyBufferFile] = {}
         self._lock = threading.Lock()
-        if directory is not None:
-            remove_stale(directory)
+        if self.directory is not None:
+            remove_stale(self.directory)
 
     @property
     def enabled(self) -> bool:
@@ -223,6 +232,23 @@ class ReplyBuffers:
                 b.close()
 
 
+def own_folder(parent: Path) -> Path | None:
+    """<parent>/memoryd-<uid>, made 0710 (group may open files it knows the name of,
+    not list them); None, with a warning, when it is not ours (someone else made it)."""
+    folder = parent / f"memoryd-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o710, exist_ok=True)
+        st = os.lstat(folder)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            log.warning("reply buffers off: %s is not a folder of this user", folder)
+            return None
+        os.chmod(folder, 0o710)                       # whatever the umask made of it
+    except OSError as e:
+        log.warning("reply buffers off: cannot make %s: %s", folder, e)
+        return None
+    return folder
+
+
 def remove_stale(directory: Path) -> int:
     """Unlink buffer files left by daemons that are no longer running; how many."""
     removed = 0
@@ -265,17 +291,21 @@ def view(mm: mmap.mmap, data_offset: int, size: int, p: Placed) -> np.ndarray:
 class MappedReplyBuffer:
     """One buffer, client side: a mapping checked against its handle.
 
-    The client reads replies from it and may write its queries at offset 0
-    (the daemon copies them out before it writes the reply).
+    The client reads replies from it and, when the file's mode lets it write
+    (`writable`), puts its queries at offset 0 (the daemon copies them out
+    before it writes the reply).
     """
 
     def __init__(self, handle: str, path: str, size: int, data_offset: int):
         """Raises OSError or ValueError when the file is not the daemon's (another host)."""
         self.handle, self.size = handle, size
-        fd = os.open(path, os.O_RDWR)
         try:
-            self._mm = mmap.mmap(fd, data_offset + size, mmap.MAP_SHARED,
-                                 mmap.PROT_READ | mmap.PROT_WRITE)
+            fd, self.writable = os.open(path, os.O_RDWR), True
+        except PermissionError:                      # group read only (a 022 umask)
+            fd, self.writable = os.open(path, os.O_RDONLY), False
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0)
+        try:
+            self._mm = mmap.mmap(fd, data_offset + size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
         if self._mm[: len(MAGIC) + 32] != MAGIC + handle.encode():

@@ -37,11 +37,20 @@ class Clock:
 
 # ---- the daemon's side ----------------------------------------------------------------
 
-def test_a_buffer_is_a_private_file_with_its_handle_unlinked_at_first_use(tmp_path):
+def umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+def test_a_buffer_is_a_file_in_the_daemons_folder_unlinked_at_first_use(tmp_path):
     bufs = shm.ReplyBuffers(tmp_path)
+    folder = tmp_path / f"memoryd-{os.getuid()}"
+    assert bufs.directory == folder and stat.S_IMODE(folder.stat().st_mode) == 0o710
     b = bufs.open(10_000)
     assert b.size == 12_288                                 # whole pages
-    assert stat.S_IMODE(b.path.stat().st_mode) == 0o600
+    assert b.path.parent == folder
+    assert stat.S_IMODE(b.path.stat().st_mode) == 0o660 & ~umask()
     client = shm.MappedReplyBuffer(b.handle, str(b.path), b.size, shm.HEADER)
     ids = np.arange(12, dtype=np.int64).reshape(3, 4)
     vals = np.linspace(0, 1, 30, dtype=np.float16).reshape(3, 10)
@@ -111,7 +120,7 @@ def test_unknown_closed_and_idle_buffers(tmp_path):
         a.place({"ids": np.zeros(1, np.int64)})              # a search that outlived the close
     assert bufs.get(b.handle) is b
     bufs.close_all()
-    assert bufs.used_bytes() == 0 and not list(tmp_path.iterdir())
+    assert bufs.used_bytes() == 0 and not list(bufs.directory.iterdir())
 
 
 def test_buffers_off_without_a_directory():
@@ -124,9 +133,11 @@ def test_buffers_off_without_a_directory():
 def test_files_of_dead_daemons_are_removed_at_start(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    stale = tmp_path / f"memoryd-{dead}-{'a' * 32}"
-    live = tmp_path / f"memoryd-{os.getpid()}-{'b' * 32}"
-    other = tmp_path / "someone-elses-file"
+    folder = tmp_path / f"memoryd-{os.getuid()}"
+    folder.mkdir()
+    stale = folder / f"memoryd-{dead}-{'a' * 32}"
+    live = folder / f"memoryd-{os.getpid()}-{'b' * 32}"
+    other = folder / "someone-elses-file"
     for p in (stale, live, other):
         p.write_bytes(b"x")
     shm.ReplyBuffers(tmp_path)
@@ -245,7 +256,7 @@ def test_a_client_that_cannot_map_the_file_falls_back_and_closes_it(rig, tmp_pat
     for _ in range(3):
         assert_same(c.search("b", q, 20, values=True), mem.search("b", q, 20, values=True))
     assert c.reply_buffers.startswith("socket (cannot map")
-    assert bufs.used_bytes() == 0 and not list(tmp_path.glob("memoryd-*"))
+    assert bufs.used_bytes() == 0 and not list(bufs.directory.iterdir())
 
 
 def test_a_full_daemon_means_inline_replies_not_an_error(rig, tmp_path):
@@ -369,3 +380,33 @@ def test_a_search_that_ends_after_close_drops_its_buffer(rig, tmp_path):
     c.close()
     c._buffers.give(buf, 1 << 20)                        # that search ends: dropped, no error
     assert c._buffers._count == 0 and not c._buffers._free
+
+
+def test_a_folder_of_another_user_or_a_link_turns_buffers_off(tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / f"memoryd-{os.getuid()}").symlink_to(tmp_path / "elsewhere")
+    bufs = shm.ReplyBuffers(tmp_path)
+    assert not bufs.enabled
+    with pytest.raises(FailedPrecondition):
+        bufs.open(4096)
+
+
+def test_a_read_only_mapping_takes_replies_and_leaves_queries_inline(rig, tmp_path, monkeypatch):
+    mem, start = rig
+    c = start(shm.ReplyBuffers(tmp_path))
+    real_open = os.open
+
+    def group_read_only(path, flags, *args):      # a 0640 file seen from another group member
+        if "memoryd-" in str(path) and flags & os.O_RDWR and not flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(shm.os, "open", group_read_only)
+    reads = []
+    real_read = shm.ReplyBufferFile.read
+    monkeypatch.setattr(shm.ReplyBufferFile, "read", lambda self, p: reads.append(p) or real_read(self, p))
+    q = queries(600)
+    ref = mem.search("b", q, 20, values=True)
+    for _ in range(3):
+        assert_same(c.search("b", q, 20, values=True), ref)
+    assert c.reply_buffers == "shared memory" and not c._buffers._free[0].writable
+    assert reads == []                                               # queries came inline
