@@ -14,7 +14,9 @@ Forward, per head h (the seed's idea, implemented as meant):
                                                      vectors: FAISS distances carry no gradient
                                                      (when q needs no gradient, q . k is read
                                                      off the returned scores instead, and no key
-                                                     vector is fetched)
+                                                     vector is fetched, unless an index
+                                                     quantises keys, e.g. PQ: its scores are
+                                                     approximate)
     a      = softmax over the retrieved j            missing results (id -1) masked out;
                                                      a row with no result gives zeros, no NaN
     o_h    = sum_j a_j v_j
@@ -159,6 +161,7 @@ class KNNAttention(nn.Module):
         q . k off the scores) and whether all banks are product-key banks,
         whose key vectors are then rebuilt from ids instead of fetched.
         """
+        from memoryd.faiss_index import exact_scores
         from memoryd.product_keys import is_product_keys, subkeys
         c = self.config
         specs = [self._memory().bank_info(name).spec for name in c.banks]
@@ -173,9 +176,10 @@ class KNNAttention(nn.Module):
         if len(metrics) > 1:
             raise ValueError(f"banks {list(c.banks)} mix metrics {sorted(metrics)}; "
                              "one search needs one metric")
-        tables = ([subkeys(*_n_dim_seed(s)) for s in specs]
-                  if all(is_product_keys(s.index) for s in specs) else None)
-        self._facts = BankFacts(metric=specs[0].metric, pk_tables=tables)
+        product = all(is_product_keys(s.index) for s in specs)
+        tables = [subkeys(*_n_dim_seed(s)) for s in specs] if product else None
+        exact = all(is_product_keys(s.index) or exact_scores(s.index) for s in specs)
+        self._facts = BankFacts(metric=specs[0].metric, pk_tables=tables, exact_scores=exact)
         return self._facts
 
     def _bank_facts(self) -> "BankFacts":
@@ -254,7 +258,8 @@ class KNNAttention(nn.Module):
 
         keys=True: with the key vectors (fetched, or rebuilt for product keys);
         False: with q . k read off the scores instead (ip: the score; l2:
-        (|q|^2 + 1 - d) / 2, keys being unit vectors), for a q without gradient.
+        (|q|^2 + 1 - d) / 2, keys being unit vectors), for a q without gradient,
+        unless a bank's index quantises its keys (its scores are then not q . k).
         The only host sync of the forward is moving the queries to the host;
         results travel back through pinned memory without blocking.
         """
@@ -275,6 +280,7 @@ class KNNAttention(nn.Module):
                              if mem_values else None)
         flat = q.detach().reshape(N * H, dk).to("cpu", torch.float32).numpy()  # (N*H, dk) host sync
         facts = self._bank_facts()
+        keys = keys or not facts.exact_scores                     # quantised: scores are not q . k
         tables = facts.pk_tables
         res: SearchResult = self._memory().search(c.banks, flat, k, values=mem_values,
                                                   keys=keys and tables is None)
@@ -466,6 +472,10 @@ class BankFacts:
     # the returned ids instead of crossing the wire (4096 queries x k=32 x
     # 128-d fp32 keys would be 64 MiB).
     pk_tables: list[np.ndarray] | None
+    # Whether every bank's scores are exact distances of the returned keys
+    # (Flat, HNSW, IVF..,Flat, product keys): then q . k may be read off the
+    # scores. A quantised index (PQ, SQ) scores approximately: keys are fetched.
+    exact_scores: bool = True
 
 
 def _dot_of_scores(scores: np.ndarray, metric: str, queries: np.ndarray) -> np.ndarray:

@@ -380,7 +380,8 @@ class MemoryClient:
         reads them before it writes the reply over them).
         """
         req.reply_buffer = buf.handle if buf is not None else ""
-        if buf is not None and buf.writable and queries.ndim == 2 and queries.nbytes <= buf.size:
+        if (buf is not None and buf.writable and queries.dtype == np.float32
+                and queries.ndim == 2 and queries.nbytes <= buf.size):
             p = buf.write(queries)
             req.queries.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=p.shape, buffer_offset=p.offset))
         else:

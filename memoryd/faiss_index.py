@@ -43,6 +43,19 @@ class IndexSpec:
         return cls(factory, params.strip())
 
 
+# index_factory parts that keep the stored vectors as they are: such an index's
+# scores are the exact distances of the keys it returns (approximate search
+# only chooses WHICH keys). Quantisers (PQ, SQ, ...) and transforms (PCA, ...)
+# change the distances themselves.
+_EXACT_PART = re.compile(r"^(IDMap2?|IVF\d+(_HNSW\d+)?|HNSW\d+|Flat|FlatIP|FlatL2)$")
+
+
+def exact_scores(spec_text: str) -> bool:
+    """Whether the scores of an index of this spec are exact for the keys it returns."""
+    factory = IndexSpec.parse(spec_text).factory
+    return all(_EXACT_PART.match(part.strip()) for part in factory.split(","))
+
+
 def faiss_reason(e: Exception) -> str:
     """FAISS's own sentence, without its C++ file/line prefix."""
     text = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__

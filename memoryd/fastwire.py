@@ -25,7 +25,7 @@ import numpy as np
 
 from memoryd.errors import InvalidArgument
 from memoryd.shm import Placed
-from memoryd.wire import _FROM_PB, _TO_PB
+from memoryd.wire import _FROM_PB, _TO_PB, check_shape
 
 _VARINT, _LEN = 0, 2
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA, _TENSOR_OFFSET = 1, 2, 3, 4
@@ -137,8 +137,7 @@ def _tensor(buf: memoryview, what: str) -> np.ndarray | Placed:
     if dtype not in _FROM_PB:
         raise InvalidArgument(f"{what}: unknown or missing dtype {dtype}")
     dt = _FROM_PB[dtype]
-    if any(s < 0 for s in shape):
-        raise InvalidArgument(f"{what}: negative dimension in shape {tuple(shape)}")
+    check_shape(tuple(shape), what)
     if offset is not None:
         if len(data):
             raise InvalidArgument(f"{what}: both data and a buffer offset")

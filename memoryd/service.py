@@ -149,8 +149,7 @@ def _search_queries(request: pb.SearchRequest, buf: shm.ReplyBufferFile | None) 
         raise InvalidArgument("queries: a buffer offset, but no reply_buffer named")
     if t.dtype not in wire._FROM_PB or len(t.data):
         raise InvalidArgument("queries: a buffer offset needs a dtype and no data")
-    if any(s < 0 for s in t.shape):
-        raise InvalidArgument(f"queries: negative dimension in shape {tuple(t.shape)}")
+    wire.check_shape(tuple(t.shape), "queries")
     with buf.lock:
         return buf.read(shm.Placed(wire._FROM_PB[t.dtype], tuple(t.shape), t.buffer_offset))
 

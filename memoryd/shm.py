@@ -32,6 +32,7 @@ but never used by a client that died).
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import mmap
@@ -48,6 +49,7 @@ from typing import Callable
 import numpy as np
 
 from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, UnknownReplyBuffer
+from memoryd.wire import check_shape
 
 log = logging.getLogger("memoryd.shm")
 
@@ -97,36 +99,49 @@ class Placed:
 
 
 class ReplyBufferFile:
-    """One buffer, daemon side: the file's mapping and the lock writers hold."""
+    """One buffer, daemon side: an open file descriptor and the lock writers hold.
+
+    The daemon reads and writes the file with pread/pwrite, never through a
+    mapping: a client may truncate a file it can write, and a mapping past
+    the end of a file faults (SIGBUS, the whole daemon). A short read here is
+    an InvalidArgument for that one call.
+    """
 
     def __init__(self, path: Path, handle: str, size: int, now: float):
         self.path, self.handle, self.size = path, handle, size
-        self.lock = threading.Lock()                 # held by place and close
+        self.lock = threading.Lock()                 # held by read, place and close
         self.last_used = now
         self.unlinked = self.closed = False
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)   # less the umask
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o660)   # less the umask
         try:
             try:
-                os.posix_fallocate(fd, 0, HEADER + size)
-            except OSError as e:         # ENOSPC: the tmpfs is full
+                os.posix_fallocate(self._fd, 0, HEADER + size)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:          # e.g. a file system without fallocate
+                    raise FailedPrecondition(f"reply buffers cannot be made in {path.parent}: "
+                                             f"{e.strerror}") from e
                 fs = os.statvfs(path.parent)
                 total = fs.f_blocks * fs.f_frsize
                 raise QuotaExceeded(str(path.parent), total - fs.f_bavail * fs.f_frsize, total,
                                     HEADER + size, scope="shared memory") from e
-            self._mm = mmap.mmap(fd, HEADER + size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            _pwrite_all(self._fd, memoryview(MAGIC + handle.encode()), 0)
         except BaseException:
-            os.close(fd)
+            os.close(self._fd)
             path.unlink(missing_ok=True)
             raise
-        os.close(fd)                               # the mapping keeps the file open
-        self._mm[: len(MAGIC) + 32] = MAGIC + handle.encode()
-        self._data = np.frombuffer(self._mm, np.uint8, count=size, offset=HEADER)  # (size,)
 
     def read(self, p: Placed) -> np.ndarray:
         """A copy of an array the client wrote (its queries). Hold self.lock."""
         if self.closed:
             raise UnknownReplyBuffer(f"reply buffer '{self.handle[:8]}…' was closed")
-        return view(self._mm, HEADER, self.size, p).copy()
+        check_inside(p, self.size)
+        out = np.empty(p.shape, p.dtype)                                # (shape)
+        raw = memoryview(out.reshape(-1).view(np.uint8))                # (nbytes,)
+        got = os.preadv(self._fd, [raw], HEADER + p.offset) if p.nbytes else 0
+        if got != p.nbytes:                          # the client truncated its own file
+            raise InvalidArgument(f"reply buffer '{self.handle[:8]}…' holds {got} of the "
+                                  f"{p.nbytes} query bytes at {p.offset}")
+        return out
 
     def place(self, arrays: dict[str, np.ndarray | None]) -> dict[str, Placed] | None:
         """Copy the arrays into the data area; None when they do not fit. Hold self.lock."""
@@ -138,8 +153,7 @@ class ReplyBufferFile:
         placed = {}
         for name, off in offsets.items():
             a = np.ascontiguousarray(arrays[name])
-            raw = a.reshape(-1).view(np.uint8)                       # (nbytes,)
-            self._data[off: off + raw.size] = raw
+            _pwrite_all(self._fd, memoryview(a.reshape(-1).view(np.uint8)), HEADER + off)
             placed[name] = Placed(a.dtype, tuple(a.shape), off)
         if not self.unlinked:      # the client has mapped it (it only sends mapped handles)
             self.path.unlink(missing_ok=True)
@@ -147,14 +161,19 @@ class ReplyBufferFile:
         return placed
 
     def close(self) -> None:
-        """Unmap (hold self.lock); the client's mapping stays valid until it unmaps."""
+        """Close the file (hold self.lock); the client's mapping stays valid until it unmaps."""
         if self.closed:
             return
         self.closed = True
-        self._data = None
-        self._mm.close()
+        os.close(self._fd)
         if not self.unlinked:
             self.path.unlink(missing_ok=True)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):                                 # pwrite may write less than asked
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
 
 
 class ReplyBuffers:
@@ -166,7 +185,9 @@ class ReplyBuffers:
         self.directory = own_folder(directory) if directory is not None else None
         self.total_bytes, self.idle_s, self.clock = total_bytes, idle_s, clock
         self._open: dict[str, ReplyBufferFile] = {}
+        self._reserved = 0                   # bytes of buffers being created (outside the lock)
         self._lock = threading.Lock()
+        self._last_expiry = clock()
         if self.directory is not None:
             remove_stale(self.directory)
 
@@ -187,16 +208,26 @@ class ReplyBuffers:
         size = -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
         self.expire()
         handle = secrets.token_hex(16)
-        with self._lock:
-            used = sum(b.size for b in self._open.values())
+        with self._lock:                     # reserve the bytes; the file is made unlocked
+            used = sum(b.size for b in self._open.values()) + self._reserved
             if used + size > self.total_bytes:
                 raise QuotaExceeded("reply buffers", used, self.total_bytes, size, scope="daemon")
-            path = self.directory / f"memoryd-{os.getpid()}-{handle}"
-            buf = ReplyBufferFile(path, handle, size, self.clock())
+            self._reserved += size
+        try:                                 # fallocate of up to 1 GiB: searches go on meanwhile
+            buf = ReplyBufferFile(self.directory / f"memoryd-{os.getpid()}-{handle}", handle,
+                                  size, self.clock())
+        finally:
+            with self._lock:
+                self._reserved -= size
+        with self._lock:
             self._open[handle] = buf
         return buf
 
     def get(self, handle: str) -> ReplyBufferFile:
+        now = self.clock()
+        if now - self._last_expiry > 1.0:    # dead clients' buffers go even if nobody opens one
+            self._last_expiry = now
+            self.expire()
         with self._lock:
             buf = self._open.get(handle)
         if buf is None:
@@ -250,7 +281,10 @@ def own_folder(parent: Path) -> Path | None:
 
 
 def remove_stale(directory: Path) -> int:
-    """Unlink buffer files left by daemons that are no longer running; how many."""
+    """Unlink buffer files left by daemons that are no longer running; how many.
+
+    Files of this very pid are stale too (a daemon starting has none yet): a
+    daemon that is pid 1 of its container has the same pid after a restart."""
     removed = 0
     try:
         entries = list(directory.iterdir())
@@ -258,7 +292,7 @@ def remove_stale(directory: Path) -> int:
         return 0
     for p in entries:
         m = _NAME.match(p.name)
-        if m and not _alive(int(m.group(1))):
+        if m and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
             try:
                 p.unlink()
                 removed += 1
@@ -277,11 +311,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def view(mm: mmap.mmap, data_offset: int, size: int, p: Placed) -> np.ndarray:
-    """The array p describes, as a view into a buffer's data area; checked to lie inside it."""
+def check_inside(p: Placed, size: int) -> None:
+    """InvalidArgument unless p's shape is sane and its bytes lie in a size-byte data area."""
+    check_shape(p.shape, "reply buffer array")
     if p.offset < 0 or p.offset + p.nbytes > size:
         raise InvalidArgument(f"array at {p.offset}+{p.nbytes} lies outside the "
                               f"{size}-byte reply buffer")
+
+
+def view(mm: mmap.mmap, data_offset: int, size: int, p: Placed) -> np.ndarray:
+    """The array p describes, as a view into a buffer's data area; checked to lie inside it."""
+    check_inside(p, size)
     return np.frombuffer(mm, p.dtype, count=math.prod(p.shape),
                          offset=data_offset + p.offset).reshape(p.shape)
 

@@ -52,14 +52,26 @@ def encode(a: np.ndarray) -> pb.Tensor:
     return pb.Tensor(dtype=_TO_PB[dt], shape=a.shape, data=a.tobytes())
 
 
+MAX_DIM = 1 << 40             # no tensor dimension (nor product of the non-zero ones) is larger
+MAX_NDIM = 16
+
+
+def check_shape(shape: tuple[int, ...], what: str) -> None:
+    """InvalidArgument for a shape no reply or request can have (numpy would fail later,
+    e.g. on (0, 2**62), as an internal error)."""
+    if any(s < 0 for s in shape):
+        raise InvalidArgument(f"{what}: negative dimension in shape {shape}")
+    if len(shape) > MAX_NDIM or math.prod(s for s in shape if s) > MAX_DIM:
+        raise InvalidArgument(f"{what}: shape {shape} is too large")
+
+
 def decode(t: pb.Tensor, what: str = "tensor") -> np.ndarray:
     """Tensor -> numpy (read-only view of the message bytes), validated."""
     if t.dtype not in _FROM_PB:
         raise InvalidArgument(f"{what}: unknown or missing dtype {t.dtype}")
     dt = _FROM_PB[t.dtype]
     shape = tuple(t.shape)
-    if any(s < 0 for s in shape):
-        raise InvalidArgument(f"{what}: negative dimension in shape {shape}")
+    check_shape(shape, what)
     expected = math.prod(shape) * dt.itemsize
     if len(t.data) != expected:
         raise InvalidArgument(

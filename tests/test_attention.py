@@ -124,6 +124,22 @@ def test_without_gradient_q_dot_k_comes_from_the_scores(mem, metric):
         torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+
+def test_a_quantised_bank_fetches_keys_even_without_gradient(mem):
+    # SQ4 scores are distances to 4-bit codes, not to the stored keys: the
+    # no-grad output must still be the grad-path one (q . k of the true keys)
+    mem.create_bank(BankSpec(name="sq", dim=DK, value_dim=DV, index="SQ4"))
+    mem.add("sq", unit_rows(300, DK, 41),
+            np.random.default_rng(42).standard_normal((300, DV)).astype(np.float32))
+    spy = KeysSpy(mem)
+    attn = layer(spy, ["sq"], topk=6)
+    x = torch.randn(3, 2, D)
+    y_grad = attn(x)
+    with torch.no_grad():
+        y_eval = attn(x)
+    assert spy.keys_asked == [True, True]
+    torch.testing.assert_close(y_eval, y_grad.detach(), rtol=1e-6, atol=1e-6)
+
 def test_output_projection_applies_to_concatenated_heads(mem):
     make_bank(mem, "m", 16, seed=2)
     attn = layer(mem, ["m"], topk=16, out_dim=7)

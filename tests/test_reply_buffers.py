@@ -119,6 +119,13 @@ def test_unknown_closed_and_idle_buffers(tmp_path):
     with pytest.raises(UnknownReplyBuffer, match="was closed"):
         a.place({"ids": np.zeros(1, np.int64)})              # a search that outlived the close
     assert bufs.get(b.handle) is b
+    c = bufs.open(4096)
+    clock.now = 21
+    bufs.get(c.handle)
+    clock.now = 24                                           # nobody opens: a lookup expires b
+    bufs.get(c.handle)
+    with pytest.raises(UnknownReplyBuffer):
+        bufs.get(b.handle)
     bufs.close_all()
     assert bufs.used_bytes() == 0 and not list(bufs.directory.iterdir())
 
@@ -136,12 +143,13 @@ def test_files_of_dead_daemons_are_removed_at_start(tmp_path):
     folder = tmp_path / f"memoryd-{os.getuid()}"
     folder.mkdir()
     stale = folder / f"memoryd-{dead}-{'a' * 32}"
-    live = folder / f"memoryd-{os.getpid()}-{'b' * 32}"
+    live = folder / f"memoryd-{os.getppid()}-{'b' * 32}"
+    mine = folder / f"memoryd-{os.getpid()}-{'c' * 32}"     # a pid 1 daemon restarted
     other = folder / "someone-elses-file"
-    for p in (stale, live, other):
+    for p in (stale, live, mine, other):
         p.write_bytes(b"x")
     shm.ReplyBuffers(tmp_path)
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and not mine.exists() and live.exists() and other.exists()
 
 
 # ---- through a daemon ----------------------------------------------------------------
@@ -352,7 +360,9 @@ def test_queries_travel_in_the_buffer_too(rig, tmp_path, monkeypatch):
 @pytest.mark.parametrize("tensor, message", [
     (dict(dtype=1, shape=[2, 16], buffer_offset=0), "no reply_buffer named"),
     (dict(dtype=1, shape=[2, 16], buffer_offset=1 << 40), "outside"),
-    (dict(dtype=1, shape=[1 << 62, 1 << 62], buffer_offset=0), "outside"),
+    (dict(dtype=1, shape=[1 << 62, 1 << 62], buffer_offset=0), "too large"),
+    (dict(dtype=1, shape=[0, 1 << 62], buffer_offset=0), "too large"),       # 0 bytes, still absurd
+    (dict(dtype=1, shape=[1 << 20, 16], buffer_offset=0), "outside"),
     (dict(dtype=1, shape=[-2, 16], buffer_offset=0), "negative dimension"),
     (dict(dtype=1, shape=[2, 16], buffer_offset=0, data=b"x" * 128), "no data"),
 ])
@@ -410,3 +420,45 @@ def test_a_read_only_mapping_takes_replies_and_leaves_queries_inline(rig, tmp_pa
         assert_same(c.search("b", q, 20, values=True), ref)
     assert c.reply_buffers == "shared memory" and not c._buffers._free[0].writable
     assert reads == []                                               # queries came inline
+
+
+@pytest.mark.parametrize("shape", [[0, 1 << 62], [1 << 62, 0], [2**63 - 1, 2**63 - 1, 0], [1] * 17])
+def test_absurd_inline_shapes_are_invalid_arguments_too(rig, shape):
+    import grpc
+    from memoryd.v1 import memory_pb2 as pb
+    mem, start = rig
+    c = start(None)
+    req = pb.SearchRequest(banks=["b"], k=3, queries=pb.Tensor(dtype=1, shape=shape))
+    with pytest.raises(grpc.RpcError) as e:
+        list(c._stub.Search(req))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "too large" in e.value.details()
+
+
+def test_a_client_that_truncates_its_buffer_gets_an_error_and_the_daemon_lives(rig, tmp_path):
+    mem, start = rig
+    bufs = shm.ReplyBuffers(tmp_path)
+    c = start(bufs)
+    b = bufs.open(1 << 20)
+    os.truncate(b.path, 0)                              # what a hostile group member could do
+    from memoryd.v1 import memory_pb2 as pb
+    import grpc
+    req = pb.SearchRequest(banks=["b"], k=3, reply_buffer=b.handle,
+                           queries=pb.Tensor(dtype=1, shape=[2, 16], buffer_offset=0))
+    with pytest.raises(grpc.RpcError) as e:
+        list(c._stub.Search(req))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "query bytes" in e.value.details()
+    q = queries(2)
+    req = pb.SearchRequest(banks=["b"], k=3, reply_buffer=b.handle, queries=pb.Tensor(
+        dtype=1, shape=[2, 16], data=q.tobytes()))
+    list(c._stub.Search(req))                           # the reply is written: the file grows back
+    assert c.search("b", q, 3).ids.shape == (2, 3)      # and the daemon is alive
+
+
+def test_only_float32_queries_go_through_the_buffer(rig, tmp_path):
+    mem, start = rig
+    c = start(shm.ReplyBuffers(tmp_path))
+    q = queries(700)
+    c.search("b", q, 20, values=True)                   # a buffer now exists
+    for bad in (q > 0, q.astype(np.complex64)):
+        with pytest.raises(InvalidArgument):
+            c.search("b", bad, 20, values=True)

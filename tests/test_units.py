@@ -378,3 +378,14 @@ def test_quota_exceeded_message_and_pickle():
     assert type(e2) is errors.QuotaExceeded
     assert (e2.bank, e2.used, e2.limit, e2.requested) == ("wiki", 900, 1000, 2048)
     assert str(e2) == s
+
+
+@pytest.mark.parametrize("spec, exact", [
+    ("Flat", True), ("HNSW32|efSearch=64", True), ("IVF4096,Flat|nprobe=48", True),
+    ("IDMap,Flat", True), ("IVF256_HNSW32,Flat", True),
+    ("PQ2x4", False), ("SQ4", False), ("IVF256,PQ8", False), ("PCA64,Flat", False),
+    ("HNSW32_PQ8", False), ("IVF100,SQ8", False),
+])
+def test_exact_scores_only_for_indexes_that_keep_the_keys(spec, exact):
+    from memoryd.faiss_index import exact_scores
+    assert exact_scores(spec) is exact
