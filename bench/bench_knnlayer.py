@@ -488,13 +488,16 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
         for K in sorted(a.data_sizes):
             t1 = time.perf_counter()
             nlist = nlist_for(K)
-            specs = {"Flat": "Flat", "IVF": f"IVF{nlist},Flat", "HNSW32": "HNSW32"}
-            # a bank is reused only if it holds these very keys and values: its name ends in
-            # their hash (the PCA, hence the keys, depends on the largest K and the key kind)
+            specs = {"Flat": "Flat", "IVF": f"IVF{nlist},Flat", "HNSW32": a.hnsw_spec}
+            # a bank is reused only if it holds these very keys and values, built by the
+            # same spec: its name ends in their hash (the PCA, hence the keys, depends on
+            # the largest K and the key kind)
             h = hashlib.sha1(keys_all[:K])                   # contiguous rows: no copy
             h.update(values_all[:K])
             digest = h.hexdigest()[:8]
-            banks = {name: f"{prefix}-{name.lower()}-{K}-{digest}" for name in specs}
+            banks = {name: f"{prefix}-{name.lower()}-{K}-{digest}"
+                           f"{hashlib.sha1(spec.encode()).hexdigest()[:4]}"
+                     for name, spec in specs.items()}
             layers = {}
             for name, spec in specs.items():
                 bank = banks[name]
@@ -547,7 +550,8 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
                             break
                 pick = pick if pick is not None else grid[-1]
                 faiss.ParameterSpace().set_index_parameters(index, f"{param}={pick}")
-                chosen[name] = f"{specs[name]}|{param}={pick}"
+                sep = "," if "|" in specs[name] else "|"      # ParameterSpace: a,b after one '|'
+                chosen[name] = f"{specs[name]}{sep}{param}={pick}"
             outs, est = {}, {"dense": t_ref}
             for name in layers:                                     # warm-up + scores
                 outs[name], est[name] = timed(lambda: retrieved_ids(layers[name], x))
@@ -569,6 +573,11 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
 
 
 # ---- report ------------------------------------------------------------------------------
+def md_cell(text: str) -> str:
+    """text for a markdown table cell: its '|' escaped."""
+    return text.replace("|", "\\|")
+
+
 def fmt_k(K: int) -> str:
     for unit, div in (("M", 1_000_000), ("k", 1_000)):
         if K >= div:
@@ -699,7 +708,7 @@ def print_text_tables(a, text, sweep, info) -> None:
     for s in sweep:
         if s["K"] == kmax:
             ties = f" {s['recall_ties']:.3f} | {s['lost']:.2%} |" if tol else ""
-            print(f"| {s['index']} | {s['param']}={s['value']} | {s['time']:.3f} | "
+            print(f"| {md_cell(s['index'])} | {s['param']}={s['value']} | {s['time']:.3f} | "
                   f"{s['recall']:.3f} |{ties} {s['err']:.1e} |")
 
 
@@ -862,6 +871,9 @@ def main() -> None:
     p.add_argument("--data-sizes", type=ints, default=None,
                    help="K of part 1b: 10k,100k,1M for token keys, 10k,100k,300k for sentence keys "
                         "(the corpus has ~760k memory sentences)")
+    p.add_argument("--hnsw-spec", default="HNSW32|efConstruction=120",
+                   help="memoryd index spec of the HNSW text banks; efConstruction=120 (faiss: 40) "
+                        "halves the queries HNSW all but misses on token keys, for ~2.5x the build")
     p.add_argument("--text-keys", choices=["tokens", "sentences"], default="tokens",
                    help="part 1b keys: last-layer token states (one key per token, default) or "
                         "sentence embeddings")
