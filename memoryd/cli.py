@@ -1,6 +1,7 @@
 """`memoryd`: run the daemon, probe its health, print the version."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -51,6 +52,11 @@ def serve(config_file, **flags) -> None:
       memoryd serve --data-dir /var/lib/memoryd --listen 127.0.0.1:7070 --log-level debug
       MEMORYD_DATA_DIR=/data memoryd serve --config /etc/memoryd.toml
     """
+    # A daemon shares its host's cores with the models it serves: FAISS's
+    # OpenMP threads must sleep between searches, not spin (libgomp's default
+    # spins for a while and takes a core from the client's torch threads).
+    # Read once, when libgomp loads: before the first faiss import below.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from memoryd import config as cfg
     from memoryd.server import serve as run
 
