@@ -21,7 +21,10 @@ does with the roles swapped, so a client can never point it at a file):
     client                 maps the file and checks the header: a
                            client on another host (or in another /dev/shm)
                            sees no such file or another handle, and falls back
-    Search(reply_buffer=h) daemon writes the reply there and, the first time,
+    Search(reply_buffer=h) a client of the daemon's user writes its queries at
+                           offset 0 (others send them inline); the daemon
+                           copies them out, searches, writes the reply there
+                           and, the first time,
                            unlinks the file: from then on it lives exactly as
                            long as the two mappings, so nothing leaks when
                            either process dies
