@@ -113,6 +113,11 @@ def main() -> None:
             print(f"  results from base: {(res.bank == 0).sum()}, from med: {(res.bank == 1).sum()}; "
                   f"recall@16 vs exact: {recall:.3f}")
             before = mem.search(["wiki", "med"], queries, k=16, values=True)
+            same = all(np.array_equal(getattr(res, f), getattr(before, f))
+                       for f in ("ids", "scores", "bank", "values"))
+            # the first reply came through the socket; the second, like every later
+            # one, through a reply buffer (shared memory), with the same bytes
+            print(f"  replies now travel through: {mem.reply_buffers}; same results: {same}")
     finally:
         stop_daemon(proc)
 
