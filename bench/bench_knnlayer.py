@@ -73,9 +73,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memoryd.api import BankSpec  # noqa: E402
 from memoryd.errors import NotFound  # noqa: E402
-from memoryd.faiss_index import faiss  # noqa: E402
-from memoryd.local import LocalMemory  # noqa: E402
-from memoryd.server import spawn  # noqa: E402
+from memoryd.storage.faiss_index import faiss  # noqa: E402
+from memoryd.engine import LocalMemory  # noqa: E402
+from memoryd.daemon.server import spawn  # noqa: E402
 from knnlayer.attention import KNNAttention  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
 
@@ -533,7 +533,7 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
             chosen = {}
             for name, param, grid in (("IVF", "nprobe", [p for p in a.nprobe if p <= nlist]),
                                       ("HNSW32", "efSearch", a.ef_search)):
-                index = mem._banks[banks[name]].shards[0].index
+                index = mem.engine.store(banks[name]).shards[0].index
                 pick = None
                 for v in grid:
                     faiss.ParameterSpace().set_index_parameters(index, f"{param}={v}")

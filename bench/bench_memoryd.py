@@ -33,8 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memoryd.api import BankSpec  # noqa: E402
-from memoryd.local import LocalMemory  # noqa: E402
-from memoryd.server import spawn  # noqa: E402
+from memoryd.engine import LocalMemory  # noqa: E402
+from memoryd.daemon.server import spawn  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def main() -> None:
     try:
         with LocalMemory(data_dir) as mem, MemoryClient(address) as client, \
                 MemoryClient(address, reply_buffers=False) as sock:
-            bank = mem._banks["bench"]
+            bank = mem.engine.store("bench")
             index = bank.shards[0].index
             values = bank.shards[0].store.values.data        # ids == rows: assigned 0..n-1
 

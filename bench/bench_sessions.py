@@ -46,8 +46,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from memoryd.api import BankSpec, SessionSpec  # noqa: E402
-from memoryd.local import LocalMemory  # noqa: E402
-from memoryd.server import spawn  # noqa: E402
+from memoryd.engine import LocalMemory  # noqa: E402
+from memoryd.daemon.server import spawn  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
 
 BASE = "base"

@@ -48,7 +48,7 @@ def start_daemon() -> subprocess.Popen:
     print(f"$ memoryd serve --data-dir {DATA.name}", flush=True)
     proc = subprocess.Popen([str(BIN / "memoryd"), "serve", "--data-dir", str(DATA),
                              "--log-level", "warning"])
-    from memoryd.server import wait_serving
+    from memoryd.daemon.server import wait_serving
     wait_serving(ADDRESS, timeout=60, proc=proc)
     return proc
 
@@ -135,7 +135,7 @@ def main() -> None:
         stop_daemon(proc)
 
     step("5. embedded: LocalMemory on the same data dir, no daemon")
-    from knnlayer import LocalMemory
+    from memoryd.engine import LocalMemory
     with LocalMemory(DATA) as mem:
         local = mem.search(["wiki", "med"], queries, k=16, values=True)
         print(f"  LocalMemory gives the daemon's answer: {np.array_equal(local.ids, before.ids)}")

@@ -1,21 +1,26 @@
-"""knnlayer: the model-side half: memory backends and the KNN attention layer."""
+"""knnlayer: the model-side half: the KNN attention layer and the gRPC memory client.
+
+Nothing here imports the daemon's engine or storage (nor faiss): the layer
+depends on the memory interface (memoryd.api), the in-process backend lives
+in memoryd.engine (`from memoryd.engine import LocalMemory`).
+"""
 from memoryd.api import (BankInfo, BankQuery, BankSpec, GetResult, MemoryBackend, PromoteResult,
                          SearchResult, SessionInfo, SessionSpec, Stats, TenantInfo)
 
 
-def __getattr__(name):  # lazy: importing the layer must not start gRPC or faiss
-    if name == "LocalMemory":
-        from memoryd.local import LocalMemory
-        return LocalMemory
+def __getattr__(name):  # lazy: importing the package must not start gRPC or torch
     if name in ("KNNAttention", "KNNAttentionConfig"):
         from knnlayer import attention
         return getattr(attention, name)
     if name == "MemoryClient":
         from knnlayer.client import MemoryClient
         return MemoryClient
+    if name == "create_base_bank":
+        from knnlayer.bank_tools import create_base_bank
+        return create_base_bank
     raise AttributeError(name)
 
 
-__all__ = ["BankInfo", "BankQuery", "KNNAttention", "KNNAttentionConfig", "PromoteResult",
-           "SessionInfo", "SessionSpec", "TenantInfo", "BankSpec", "GetResult", "LocalMemory", "MemoryBackend",
-           "MemoryClient", "SearchResult", "Stats"]
+__all__ = ["BankInfo", "BankQuery", "BankSpec", "GetResult", "KNNAttention", "KNNAttentionConfig",
+           "MemoryBackend", "MemoryClient", "PromoteResult", "SearchResult", "SessionInfo",
+           "SessionSpec", "Stats", "TenantInfo", "create_base_bank"]

@@ -50,7 +50,7 @@ raises; nothing here ever creates or re-binds a bank silently.
 from __future__ import annotations
 
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
@@ -59,11 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from memoryd.api import MAX_K, BankSpec, MemoryBackend, SearchResult
-from memoryd.arrays import BFLOAT16
+from knnlayer import bank_tools
+from knnlayer.retrieval import BankFacts, Retrieved, bank_facts, retrieve, search_pool
+from memoryd.api import MAX_K, MemoryBackend
 
 EXTRA_STATE_FORMAT = 1
-_ROWS_PER_CALL = 65536       # rows per add/update/get call in the bank helpers
 
 
 @dataclass
@@ -152,7 +152,7 @@ class KNNAttention(nn.Module):
             self.config = replace(self.config, banks=tuple(banks))  # re-validated
         self._facts = None
 
-    def check_banks(self) -> "BankFacts":
+    def check_banks(self) -> BankFacts:
         """Read the bound banks' specs; raise ValueError unless each fits this
         module (dim, value_dim) and all share a metric.
 
@@ -161,28 +161,12 @@ class KNNAttention(nn.Module):
         q . k off the scores) and whether all banks are product-key banks,
         whose key vectors are then rebuilt from ids instead of fetched.
         """
-        from memoryd.faiss_index import exact_scores
-        from memoryd.product_keys import is_product_keys, subkeys
         c = self.config
-        specs = [self._memory().bank_info(name).spec for name in c.banks]
-        for i, (name, spec) in enumerate(zip(c.banks, specs)):
-            if spec.dim != c.key_dim:
-                raise ValueError(f"bank '{name}' holds {spec.dim}-d keys; this layer has key_dim {c.key_dim}")
-            needs_values = not (self.value_table is not None and i == 0 and len(c.banks) == 1)
-            if needs_values and spec.value_dim != c.value_dim:
-                raise ValueError(f"bank '{name}' holds {spec.value_dim}-d values; "
-                                 f"this layer has value_dim {c.value_dim}")
-        metrics = {s.metric for s in specs}
-        if len(metrics) > 1:
-            raise ValueError(f"banks {list(c.banks)} mix metrics {sorted(metrics)}; "
-                             "one search needs one metric")
-        product = all(is_product_keys(s.index) for s in specs)
-        tables = [subkeys(*_n_dim_seed(s)) for s in specs] if product else None
-        exact = all(is_product_keys(s.index) or exact_scores(s.index) for s in specs)
-        self._facts = BankFacts(metric=specs[0].metric, pk_tables=tables, exact_scores=exact)
+        table_only = self.value_table is not None and len(c.banks) == 1
+        self._facts = bank_facts(self._memory(), c.banks, c.key_dim, c.value_dim, table_only)
         return self._facts
 
-    def _bank_facts(self) -> "BankFacts":
+    def _bank_facts(self) -> BankFacts:
         return self._facts if self._facts is not None else self.check_banks()
 
     def _memory(self) -> MemoryBackend:
@@ -224,7 +208,7 @@ class KNNAttention(nn.Module):
         # key vectors only when a gradient must reach q through q . k
         keys = torch.is_grad_enabled() and q.requires_grad
         if background:
-            retrieved = _search_pool().submit(self.retrieve, q.detach(), keys)
+            retrieved = search_pool().submit(self.retrieve, q.detach(), keys)
         else:
             retrieved = Future()
             retrieved.set_result(self.retrieve(q.detach(), keys))
@@ -253,70 +237,17 @@ class KNNAttention(nn.Module):
         q = self.q_proj(x).view(-1, c.num_heads, c.key_dim)       # (N, H, dk)
         return F.normalize(q, dim=-1, eps=c.eps)                  # (N, H, dk)
 
-    def retrieve(self, q: torch.Tensor, keys: bool = True) -> "Retrieved":
-        """One memory.search for all N*H queries; results on q's device, module dtype.
-
-        keys=True: with the key vectors (fetched, or rebuilt for product keys);
-        False: with q . k read off the scores instead (ip: the score; l2:
-        (|q|^2 + 1 - d) / 2, keys being unit vectors), for a q without gradient,
-        unless a bank's index quantises its keys (its scores are then not q . k).
-        The only host sync of the forward is moving the queries to the host;
-        results travel back through pinned memory without blocking.
-        """
+    def retrieve(self, q: torch.Tensor, keys: bool = True) -> Retrieved:
+        """One memory.search for all N*H queries q (N, H, dk) (knnlayer.retrieval.retrieve):
+        with key vectors when keys, else with q . k read off the scores."""
         c = self.config
-        N, H, dk = q.shape
-        k, dv = c.topk, c.value_dim
-        dtype, device = self._dtype(), q.device
         use_table = self.value_table is not None
-        mem_values = not use_table or len(c.banks) > 1
-        if N == 0:                                                # nothing to ask
-            return Retrieved(ids=torch.zeros(0, H, k, dtype=torch.long, device=device),
-                             mask=torch.zeros(0, H, k, dtype=torch.bool, device=device),
-                             from_table=torch.zeros(0, H, k, dtype=torch.bool, device=device)
-                             if use_table else None,
-                             keys=torch.zeros(0, H, k, dk, dtype=dtype, device=device),
-                             qk=None,
-                             values=torch.zeros(0, H, k, dv, dtype=dtype, device=device)
-                             if mem_values else None)
-        flat = q.detach().reshape(N * H, dk).to("cpu", torch.float32).numpy()  # (N*H, dk) host sync
-        facts = self._bank_facts()
-        keys = keys or not facts.exact_scores                     # quantised: scores are not q . k
-        tables = facts.pk_tables
-        res: SearchResult = self._memory().search(c.banks, flat, k, values=mem_values,
-                                                  keys=keys and tables is None)
-        ids = res.ids.reshape(N, H, k)                            # (N, H, k) host int64
-        mask = ids >= 0                                           # (N, H, k) host bool
-        key_vectors = qk = None
-        if keys:
-            key_vectors = (res.keys if tables is None
-                           else _rebuild_keys(tables, res.ids, res.bank, dk))  # (N*H, k, dk)
-        else:
-            qk = np.where(mask, _dot_of_scores(res.scores, facts.metric, flat).reshape(N, H, k),
-                          np.float32(0))                          # (N, H, k)
-        from_table = None
-        if use_table:
-            from_table = mask & (res.bank.reshape(N, H, k) == 0)  # (N, H, k) host bool
-            bad = from_table & (ids >= self.value_table.num_embeddings)
-            if bad.any():
-                raise ValueError(
-                    f"bank '{c.banks[0]}' returned id {int(ids[bad].max())}, but the trainable "
-                    f"value table has {self.value_table.num_embeddings} rows (ids 0..ntotal-1)")
-        if mem_values:
-            if res.values is None or res.values.shape[-1] != dv:
-                got = None if res.values is None else res.values.shape[-1]
-                raise ValueError(f"banks {list(c.banks)} returned {got}-d values; "
-                                 f"this layer has value_dim {dv}")
-        return Retrieved(
-            ids=to_device(np.where(mask, ids, 0), device),                      # (N, H, k)
-            mask=to_device(mask, device),                                       # (N, H, k)
-            from_table=None if from_table is None else to_device(from_table, device),
-            keys=(to_device(key_vectors.reshape(N, H, k, dk), device, dtype)   # (N, H, k, dk)
-                  if key_vectors is not None else None),
-            qk=to_device(qk, device, dtype) if qk is not None else None,       # (N, H, k)
-            values=(to_device(res.values.reshape(N, H, k, dv), device, dtype)   # (N, H, k, dv)
-                    if mem_values else None))
+        return retrieve(self._memory(), c.banks, self._bank_facts, q, c.topk, c.value_dim,
+                        keys=keys, values=not use_table or len(c.banks) > 1,
+                        table_rows=self.value_table.num_embeddings if use_table else None,
+                        dtype=self._dtype())
 
-    def gather_values(self, r: "Retrieved") -> torch.Tensor:
+    def gather_values(self, r: Retrieved) -> torch.Tensor:
         """Values (N, H, k, dv) of the retrieved rows: the table's (trainable) or memory's."""
         if self.value_table is None:
             return r.values                                       # (N, H, k, dv), no grad
@@ -345,90 +276,23 @@ class KNNAttention(nn.Module):
         ids = self._memory().add(bank, keys.float(), values.float())           # (B*T,)
         return np.asarray(ids).reshape(lead)
 
-    # ---- base banks and trainable values ---------------------------------------------
-    @staticmethod
-    def create_base_bank(memory: MemoryBackend, name: str, ntotal: int, key_dim: int,
-                         value_dim: int, *, values: Any = None, seed: int = 0,
-                         kind: str = "base", index: str = "Flat", metric: str = "l2",
-                         value_dtype: str = "float32", **spec: Any):
-        """Create bank `name` holding `ntotal` seeded random unit keys with ids 0..ntotal-1.
-
-        index="product-keys" makes a product-key bank (exact top-k at ~sqrt(ntotal)
-        cost; ntotal must be a square): its keys are the product of two seeded
-        sub-key tables built by the bank, so only the values are sent.
-
-        values: an (ntotal, value_dim) array/tensor (e.g. `attn.value_table.weight`,
-        so the bank starts equal to the table), or None for seeded N(0, 1) values;
-        value_dim=0 makes a keys-only bank (values must then be None).
-        Rows are added in chunks; returns the BankInfo after the adds.
-        """
-        if values is not None and value_dim == 0:
-            raise ValueError("a keys-only bank (value_dim=0) takes no values")
-        if values is not None:
-            values = values.detach().float().cpu().numpy() if torch.is_tensor(values) else np.asarray(values)
-            if values.shape != (ntotal, value_dim):
-                raise ValueError(f"values must be ({ntotal}, {value_dim}); got {tuple(values.shape)}")
-        rng = np.random.default_rng(seed)
-        product = index.startswith("product-keys")
-        if product:  # keys = product of 2 x sqrt(ntotal) seeded sub-keys, made by the bank
-            n = math.isqrt(ntotal)
-            if n * n != ntotal:
-                raise ValueError(f"product keys need a square ntotal (n^2); got {ntotal}")
-            if index == "product-keys":
-                index = f"product-keys:{n}|seed={seed}"
-        memory.create_bank(BankSpec(name=name, dim=key_dim, value_dim=value_dim, kind=kind,
-                                    index=index, metric=metric, value_dtype=value_dtype, **spec))
-        for start in range(0, ntotal, _ROWS_PER_CALL):
-            end = min(ntotal, start + _ROWS_PER_CALL)
-            ids = np.arange(start, end, dtype=np.int64)
-            if value_dim == 0:
-                vals = None
-            elif values is None:
-                vals = rng.standard_normal((end - start, value_dim), dtype=np.float32)  # (n, dv)
-            else:
-                vals = values[start:end]                                          # (n, dv)
-            if product:
-                if vals is not None:
-                    memory.update_values(name, ids, vals)
-                continue
-            keys = rng.standard_normal((end - start, key_dim), dtype=np.float32)  # (n, dk)
-            keys /= np.linalg.norm(keys, axis=1, keepdims=True)
-            memory.add(name, keys, vals, ids=ids)
-        return memory.bank_info(name)
+    # ---- base banks and trainable values (knnlayer.bank_tools) ----------------------
+    create_base_bank = staticmethod(bank_tools.create_base_bank)
 
     def _table(self) -> nn.Embedding:
         if self.value_table is None:
             raise RuntimeError("this KNNAttention has no trainable value table (trainable_values=0)")
         return self.value_table
 
-    @torch.no_grad()
     def push_values(self, memory: MemoryBackend | None = None, bank: str | None = None) -> int:
         """Write the trained table into `bank` (default banks[0]); returns rows updated."""
-        memory = memory or self._memory()
-        bank = bank or self.config.banks[0]
-        w = self._table().weight                                                # (ntotal, dv)
-        updated = 0
-        for start in range(0, w.shape[0], _ROWS_PER_CALL):
-            end = min(w.shape[0], start + _ROWS_PER_CALL)
-            updated += memory.update_values(bank, np.arange(start, end, dtype=np.int64),
-                                            w[start:end].float())
-        if updated != w.shape[0]:
-            raise ValueError(f"bank '{bank}' holds only {updated} of ids 0..{w.shape[0] - 1}")
-        return updated
+        return bank_tools.push_values(memory or self._memory(), bank or self.config.banks[0],
+                                      self._table().weight)
 
-    @torch.no_grad()
     def load_values(self, memory: MemoryBackend | None = None, bank: str | None = None) -> None:
         """Copy the values of ids 0..ntotal-1 of `bank` (default banks[0]) into the table."""
-        memory = memory or self._memory()
-        bank = bank or self.config.banks[0]
-        w = self._table().weight                                                # (ntotal, dv)
-        for start in range(0, w.shape[0], _ROWS_PER_CALL):
-            end = min(w.shape[0], start + _ROWS_PER_CALL)
-            got = memory.get(bank, np.arange(start, end, dtype=np.int64), values=True)
-            if not got.found.all():
-                missing = start + int(np.flatnonzero(~got.found)[0])
-                raise ValueError(f"bank '{bank}' has no row with id {missing}")
-            w[start:end].copy_(to_device(got.values, w.device, w.dtype))
+        bank_tools.load_values(memory or self._memory(), bank or self.config.banks[0],
+                               self._table().weight)
 
     def extra_repr(self) -> str:
         c = self.config
@@ -451,72 +315,6 @@ class Pending:
     retrieved: Future                 # -> Retrieved
 
 
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _search_pool() -> ThreadPoolExecutor:
-    """Threads for background searches, shared by every layer of the process."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="knnlayer-search")
-    return _POOL
-
-
-@dataclass(frozen=True)
-class BankFacts:
-    """What forward needs to know of its banks, read once by check_banks."""
-
-    metric: str                            # "l2" or "ip", shared by all banks
-    # Sub-key tables when all banks are product-key banks, else None. Product
-    # keys are a pure function of (n, seed), so their vectors are rebuilt from
-    # the returned ids instead of crossing the wire (4096 queries x k=32 x
-    # 128-d fp32 keys would be 64 MiB).
-    pk_tables: list[np.ndarray] | None
-    # Whether every bank's scores are exact distances of the returned keys
-    # (Flat, HNSW, IVF..,Flat, product keys): then q . k may be read off the
-    # scores. A quantised index (PQ, SQ) scores approximately: keys are fetched.
-    exact_scores: bool = True
-
-
-def _dot_of_scores(scores: np.ndarray, metric: str, queries: np.ndarray) -> np.ndarray:
-    """q . k (nq, k) from search scores (nq, k) of queries (nq, dk): ip scores are
-    q . k; l2 scores are |q - k|^2 = |q|^2 + 1 - 2 q . k for the unit keys of
-    this layer (|q| is 1 too, except for a zero query row, whose q . k is 0)."""
-    if metric == "ip":
-        return scores
-    q_sq = np.einsum("nd,nd->n", queries, queries)[:, None]               # (nq, 1)
-    return 0.5 * (q_sq + 1.0 - scores)
-
-
-@dataclass
-class Retrieved:
-    """One search's results as tensors on the compute device."""
-
-    ids: torch.Tensor                 # (N, H, k) int64, 0 where missing
-    mask: torch.Tensor                # (N, H, k) bool, True where a result exists
-    from_table: torch.Tensor | None   # (N, H, k) bool, rows of banks[0] read from the table
-    keys: torch.Tensor | None         # (N, H, k, dk) module dtype, zeros where missing
-    qk: torch.Tensor | None           # (N, H, k) q . k from the scores when keys is None
-    values: torch.Tensor | None       # (N, H, k, dv) module dtype, None when all from the table
-
-
-def _n_dim_seed(spec: BankSpec) -> tuple[int, int, int]:
-    from memoryd.product_keys import parse
-    n, seed = parse(spec.index)
-    return n, spec.dim, seed
-
-
-def _rebuild_keys(tables: list[np.ndarray], ids: np.ndarray, bank: np.ndarray, dk: int) -> np.ndarray:
-    """Key vectors (nq, k, dk) of product-key results; zeros where missing."""
-    from memoryd.product_keys import key_vectors
-    out = np.zeros((*ids.shape, dk), np.float32)                           # (nq, k, dk)
-    for b, sub in enumerate(tables):
-        sel = bank == b
-        if sel.any():
-            out[sel] = key_vectors(sub, ids[sel])
-    return out
-
-
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dim where mask; 0 elsewhere; an all-masked row is all 0."""
     logits = logits.masked_fill(~mask, float("-inf"))                      # (..., k)
@@ -525,32 +323,3 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     e = torch.exp(logits - top)                                            # (..., k), 0 where masked
     total = e.sum(dim=-1, keepdim=True)                                    # (..., 1)
     return e / torch.where(total > 0, total, torch.ones_like(total))       # (..., k)
-
-
-def to_device(a: np.ndarray, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """numpy (float32/16, ml_dtypes bfloat16, int, bool) -> tensor on device, without a sync.
-
-    On CUDA the rows are copied once into pinned host memory and sent with
-    non_blocking=True; on CPU a writable array is used in place.
-    """
-    bf16 = a.dtype == BFLOAT16
-    raw = a.view(np.int16) if bf16 else a                                  # torch has no ml_dtypes
-    if device.type == "cuda":
-        host = torch.empty(raw.shape, dtype=_TORCH_OF[raw.dtype], pin_memory=True)
-        host.numpy()[...] = raw
-        t = host.to(device, non_blocking=True)
-    else:
-        if not raw.flags.writeable or not raw.flags.c_contiguous:          # e.g. a wire buffer
-            raw = np.array(raw)
-        t = torch.from_numpy(raw)
-        if t.device != device:
-            t = t.to(device)
-    if bf16:
-        t = t.view(torch.bfloat16)
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-
-_TORCH_OF = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-             np.dtype(np.float64): torch.float64, np.dtype(np.int16): torch.int16,
-             np.dtype(np.int32): torch.int32, np.dtype(np.int64): torch.int64,
-             np.dtype(np.bool_): torch.bool}

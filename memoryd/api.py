@@ -1,9 +1,23 @@
 """The backend interface: what every memory backend offers, and its types.
 
-`LocalMemory` (in-process) and `MemoryClient` (gRPC) implement
-`MemoryBackend`; the gRPC service, memctl and the attention layer only talk
-to this interface, so a sharded multi-node backend can plug in later. Nothing
-here knows about a transport.
+The operations come in four planes, each a Protocol:
+
+    DataPlane      add, search, get, update_values, remove, export
+    AdminPlane     create/info/list/delete/freeze banks, quota, tier, stats
+    SessionPlane   open, append, info, list, extend, close, promote sessions
+    TenantPlane    tenant quotas and usage
+
+and `MemoryBackend` is all four plus `close`. `LocalMemory` (in-process,
+memoryd.engine) and `MemoryClient` (gRPC, knnlayer.client) implement it; the
+gRPC service, memctl and the attention layer only talk to these protocols,
+so a sharded multi-node backend plugs in at the same place. Every method
+takes the caller's identity explicitly (`caller=`, a `Caller`; None: the
+backend's own default), never from ambient state.
+
+One level below, `ShardSearch` is the fan-out point: one piece of one bank
+that answers a top-k search with its payload (values, keys) in the same
+call, so a remote shard costs one round trip. Nothing here knows about a
+transport.
 
 Search semantics (all backends):
   * every named bank is searched, and one top-k is kept over their union;
@@ -35,6 +49,9 @@ TIER_BYTE_KEYS = ("ram", "disk", "gpu")  # what BankInfo/TenantInfo.tier_bytes c
 EVICTIONS = ("reject", "fifo")         # what a write over quota does
 MAX_K = 4096          # largest k one search may ask for
 MAX_SHARDS = 64
+MAX_DIM = 65536       # largest key (and value) dimension
+CHUNK_ROWS = 65536    # rows per piece when a bank moves in pieces: export chunks, import
+                      # batches, the layer's bank tools
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -61,10 +78,10 @@ class BankSpec:
             raise InvalidArgument(
                 f"bad bank name {self.name!r}: use 1-64 letters, digits, '_', '-', '.', "
                 "starting with a letter or digit")
-        if not int_ok(self.dim) or not 1 <= self.dim <= 65536:
-            raise InvalidArgument(f"dim must be an integer in 1..65536; got {self.dim!r}")
-        if not int_ok(self.value_dim) or not 0 <= self.value_dim <= 65536:
-            raise InvalidArgument(f"value_dim must be an integer in 0..65536; got {self.value_dim!r}")
+        if not int_ok(self.dim) or not 1 <= self.dim <= MAX_DIM:
+            raise InvalidArgument(f"dim must be an integer in 1..{MAX_DIM}; got {self.dim!r}")
+        if not int_ok(self.value_dim) or not 0 <= self.value_dim <= MAX_DIM:
+            raise InvalidArgument(f"value_dim must be an integer in 0..{MAX_DIM}; got {self.value_dim!r}")
         if self.kind not in KINDS:
             raise InvalidArgument(f"kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
         if self.metric not in METRICS:
@@ -74,8 +91,7 @@ class BankSpec:
                 f"value dtype must be one of {', '.join(VALUE_DTYPES)}; got {self.value_dtype!r}")
         if not int_ok(self.shards) or not 1 <= self.shards <= MAX_SHARDS:
             raise InvalidArgument(f"shards must be in 1..{MAX_SHARDS}; got {self.shards!r}")
-        if self.quota_bytes is not None and (not int_ok(self.quota_bytes) or self.quota_bytes < 0):
-            raise InvalidArgument(f"quota must be a non-negative number of bytes; got {self.quota_bytes!r}")
+        check_quota(self.quota_bytes)
         if not isinstance(self.index, str) or not self.index:
             raise InvalidArgument("index spec must be a non-empty faiss index_factory string")
         if not name_ok(self.tenant):
@@ -264,49 +280,104 @@ class ExportChunk:
     values: np.ndarray | None          # (n, value_dim) or None for key-only banks
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who makes a request: the name in Stats.stacks (and, later, whose
+    permissions apply). The daemon builds one per call from the call's
+    metadata; in-process callers may pass their own."""
+
+    name: str
+
+
 @runtime_checkable
-class MemoryBackend(Protocol):
-    """The operations every backend offers (in-process, gRPC, sharded later)."""
+class DataPlane(Protocol):
+    """Rows in and out of banks."""
 
-    def create_bank(self, spec: BankSpec) -> BankInfo: ...
-    def bank_info(self, name: str) -> BankInfo: ...
-    def list_banks(self, tenant: str | None = None) -> list[BankInfo]: ...
-    def delete_bank(self, name: str) -> int: ...             # returns released bytes
-    def freeze_bank(self, name: str) -> BankInfo: ...
-    def set_quota(self, name: str, quota_bytes: int | None) -> BankInfo: ...
-
-    def set_tier(self, name: str, tier: str) -> BankInfo: ...        # moves a live bank
-
-    def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None) -> np.ndarray: ...
+    def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None, *,
+            caller: Caller | None = None) -> np.ndarray: ...
     def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
-               values: bool = True, keys: bool = False) -> SearchResult: ...
-    def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult: ...
-    def update_values(self, bank: str, ids: Any, values: Any) -> int: ...
-    def remove(self, bank: str, ids: Any) -> int: ...
-    def export(self, bank: str, chunk_rows: int = 65536) -> Iterator[ExportChunk]: ...
-    def stats(self) -> Stats: ...
-    def close(self) -> None: ...
+               values: bool = True, keys: bool = False, *,
+               caller: Caller | None = None) -> SearchResult: ...
+    def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False, *,
+            caller: Caller | None = None) -> GetResult: ...
+    def update_values(self, bank: str, ids: Any, values: Any, *,
+                      caller: Caller | None = None) -> int: ...
+    def remove(self, bank: str, ids: Any, *, caller: Caller | None = None) -> int: ...
+    def export(self, bank: str, chunk_rows: int = CHUNK_ROWS, *,
+               caller: Caller | None = None) -> Iterator[ExportChunk]: ...
 
-    # sessions: short-term memory written during inference
-    def open_session(self, spec: SessionSpec) -> SessionInfo: ...
-    def append(self, session_id: str, keys: Any, values: Any = None,
-               scores: Any = None) -> np.ndarray: ...                # read-your-writes
-    def session_info(self, session_id: str) -> SessionInfo: ...
-    def list_sessions(self, tenant: str | None = None) -> list[SessionInfo]: ...
+
+@runtime_checkable
+class AdminPlane(Protocol):
+    """Banks as objects: their life cycle, quota and tier; the whole daemon's stats."""
+
+    def create_bank(self, spec: BankSpec, *, caller: Caller | None = None) -> BankInfo: ...
+    def bank_info(self, name: str, *, caller: Caller | None = None) -> BankInfo: ...
+    def list_banks(self, tenant: str | None = None, *,
+                   caller: Caller | None = None) -> list[BankInfo]: ...
+    def delete_bank(self, name: str, *, caller: Caller | None = None) -> int: ...   # released bytes
+    def freeze_bank(self, name: str, *, caller: Caller | None = None) -> BankInfo: ...
+    def set_quota(self, name: str, quota_bytes: int | None, *,
+                  caller: Caller | None = None) -> BankInfo: ...
+    def set_tier(self, name: str, tier: str, *,
+                 caller: Caller | None = None) -> BankInfo: ...      # moves a live bank
+    def stats(self, *, caller: Caller | None = None) -> Stats: ...
+
+
+@runtime_checkable
+class SessionPlane(Protocol):
+    """Short-term memory written during inference: one small bank per session.
+
+    extend: the idle clock restarts; None keeps a TTL; a new idle TTL replaces
+    the old; a new absolute TTL counts from now (ttl_absolute_s then reads the
+    time already lived plus the new value).
+    """
+
+    def open_session(self, spec: SessionSpec, *, caller: Caller | None = None) -> SessionInfo: ...
+    def append(self, session_id: str, keys: Any, values: Any = None, scores: Any = None, *,
+               caller: Caller | None = None) -> np.ndarray: ...        # read-your-writes
+    def session_info(self, session_id: str, *, caller: Caller | None = None) -> SessionInfo: ...
+    def list_sessions(self, tenant: str | None = None, *,
+                      caller: Caller | None = None) -> list[SessionInfo]: ...
     def extend_session(self, session_id: str, ttl_idle_s: float | None = None,
-                       ttl_absolute_s: float | None = None) -> SessionInfo: ...
-    # extend: the idle clock restarts; None keeps a TTL; a new idle TTL replaces
-    # the old; a new absolute TTL counts from now (ttl_absolute_s then reads
-    # the time already lived plus the new value)
-    def close_session(self, session_id: str) -> int: ...              # released bytes
+                       ttl_absolute_s: float | None = None, *,
+                       caller: Caller | None = None) -> SessionInfo: ...
+    def close_session(self, session_id: str, *, caller: Caller | None = None) -> int: ...
     def promote_session(self, session_id: str, target: str, *, ids: Any = None,
                         min_score: float | None = None, dedup: float | None = None,
-                        move: bool = False) -> PromoteResult: ...
+                        move: bool = False, caller: Caller | None = None) -> PromoteResult: ...
 
-    # tenants: the storage a user bought
-    def set_tenant_quota(self, tenant: str, quota_bytes: int | None) -> TenantInfo: ...
-    def tenant_info(self, tenant: str) -> TenantInfo: ...
-    def list_tenants(self) -> list[TenantInfo]: ...
+
+@runtime_checkable
+class TenantPlane(Protocol):
+    """The storage a user bought: quotas over all of a tenant's banks and sessions."""
+
+    def set_tenant_quota(self, tenant: str, quota_bytes: int | None, *,
+                         caller: Caller | None = None) -> TenantInfo: ...
+    def tenant_info(self, tenant: str, *, caller: Caller | None = None) -> TenantInfo: ...
+    def list_tenants(self, *, caller: Caller | None = None) -> list[TenantInfo]: ...
+
+
+@runtime_checkable
+class MemoryBackend(DataPlane, AdminPlane, SessionPlane, TenantPlane, Protocol):
+    """Every plane: what LocalMemory and MemoryClient (and a sharded backend) offer."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ShardSearch(Protocol):
+    """One piece of one bank that answers a search in ONE call, payload included.
+
+    Returns a SearchResult of (nq, k) best-first results of this piece alone
+    (`bank` is 0 where a result exists, -1 where not), with values in the
+    bank's own value dtype when asked and held, and keys when asked. The
+    engine fans a stack out over these and merges them (memoryd.topk); a
+    shard in another process implements the same call as one RPC.
+    """
+
+    def search(self, queries: np.ndarray, k: int, *, values: bool,
+               keys: bool) -> SearchResult: ...
 
 
 def bank_list(banks: str | BankQuery | Sequence[str | BankQuery]) -> list[BankQuery]:
@@ -336,6 +407,14 @@ def check_ttl(value: Any, what: str) -> float | None:
     if not is_number(value) or not value > 0 or not np.isfinite(value):
         raise InvalidArgument(f"{what} must be a positive number of seconds or None; got {value!r}")
     return float(value)
+
+
+def check_quota(quota_bytes: Any) -> int | None:
+    """A quota in bytes (None: unlimited), or InvalidArgument: the one quota check."""
+    if quota_bytes is not None and (not int_ok(quota_bytes) or quota_bytes < 0):
+        raise InvalidArgument(f"quota must be a non-negative number of bytes or None (unlimited); "
+                              f"got {quota_bytes!r}")
+    return None if quota_bytes is None else int(quota_bytes)
 
 
 def check_k(k: Any) -> int:

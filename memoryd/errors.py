@@ -1,9 +1,10 @@
 """Domain errors of the memory backend, each carrying its gRPC status name.
 
-The backend raises these; the gRPC service maps them to status codes in one
-place (memoryd.service) and MemoryClient maps status codes back to the same
-classes, so callers see the same exception from every backend. The module is
-transport-free: codes are the names of grpc.StatusCode members.
+The backend raises these; the wire's status codec (memoryd.wire.status)
+turns them into gRPC statuses on the daemon's side and back into the same
+classes on the client's, so callers see the same exception from every
+backend. The module is transport-free: codes are the names of
+grpc.StatusCode members.
 """
 from __future__ import annotations
 
@@ -13,19 +14,19 @@ import re
 ERROR_DOMAIN = "memoryd"
 
 
-class MemoryError(Exception):  # noqa: A001 - deliberately our own name space
+class MemorydError(Exception):
     """Base of every error the memory backend raises on purpose."""
 
     code = "INTERNAL"
 
 
-class InvalidArgument(MemoryError, ValueError):
+class InvalidArgument(MemorydError, ValueError):
     """The request itself is wrong: shapes, dtypes, NaN, k, names."""
 
     code = "INVALID_ARGUMENT"
 
 
-class NotFound(MemoryError, KeyError):
+class NotFound(MemorydError, KeyError):
     code = "NOT_FOUND"
 
     def __str__(self) -> str:  # KeyError would quote the message
@@ -36,11 +37,11 @@ class UnknownReplyBuffer(NotFound):
     """A search named a reply buffer the daemon no longer has (closed or idle-expired)."""
 
 
-class AlreadyExists(MemoryError):
+class AlreadyExists(MemorydError):
     code = "ALREADY_EXISTS"
 
 
-class FailedPrecondition(MemoryError):
+class FailedPrecondition(MemorydError):
     """The request is well formed but the bank's state refuses it."""
 
     code = "FAILED_PRECONDITION"
@@ -54,7 +55,7 @@ class NeedsTraining(FailedPrecondition):
     pass
 
 
-class QuotaExceeded(MemoryError):
+class QuotaExceeded(MemorydError):
     """A write would take a bank's (or its tenant's) usage above its quota."""
 
     code = "RESOURCE_EXHAUSTED"
@@ -72,14 +73,14 @@ class QuotaExceeded(MemoryError):
         return (type(self), (self.bank, self.used, self.limit, self.requested, self.scope))
 
 
-class Unavailable(MemoryError):
+class Unavailable(MemorydError):
     code = "UNAVAILABLE"
 
 
-BY_CODE: dict[str, type[MemoryError]] = {
+BY_CODE: dict[str, type[MemorydError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                QuotaExceeded, Unavailable, MemoryError)
+                QuotaExceeded, Unavailable, MemorydError)
 }
 
 
@@ -89,6 +90,6 @@ def reason(cls: type) -> str:
 
 
 # The classes a reason may name; a client never instantiates anything else.
-BY_REASON: dict[str, type[MemoryError]] = {reason(c): c for c in (
+BY_REASON: dict[str, type[MemorydError]] = {reason(c): c for c in (
     InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, BankFrozen,
     NeedsTraining, QuotaExceeded, Unavailable, UnknownReplyBuffer)}

@@ -2,15 +2,41 @@
 
 The merge direction follows the metric: smallest first for L2 distances,
 largest first for inner products (faiss contrib's client/server merge gets
-this wrong for IP). Missing results (-1 from FAISS) sort last.
+this wrong for IP). Missing results (-1 from FAISS) sort last. Ties keep the
+order of the parts (a stable sort), so the bank named first wins them.
+
+    merge_topk      (scores, ids) lists only: what an index's pieces return
+    merge_results   SearchResults with their payload (values, keys) carried
+                    along: what a stack search over shards returns, so that no
+                    shard is asked twice (search, then gather)
 """
 from __future__ import annotations
 
 import numpy as np
 
+from memoryd.api import SearchResult
+
 
 def worst(metric: str) -> float:
     return np.inf if metric == "l2" else -np.inf
+
+
+def _order(D: np.ndarray, I: np.ndarray, k: int, metric: str, parts: int
+           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """(D with missing results at the metric's worst, the best-k order or None for as-is)."""
+    D = np.where(I < 0, worst(metric), D).astype(np.float32, copy=False)
+    if D.shape[1] <= k and parts == 1:
+        return D, None
+    key = D if metric == "l2" else -D
+    return D, np.argsort(key, axis=1, kind="stable")[:, :k]                    # (nq, k)
+
+
+def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
+    """a (nq, m, ...) padded with fill to (nq, k, ...) along axis 1."""
+    if a.shape[1] >= k:
+        return a
+    pad = [(0, 0), (0, k - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
+    return np.pad(a, pad, constant_values=fill)
 
 
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], sources: list[int], k: int,
@@ -20,18 +46,63 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], sources: list[int], k
     parts[i] = (D, I), each (nq, k_i); sources[i] labels part i's results.
     Missing results get id -1, source -1 and the metric's worst score.
     """
-    D = np.concatenate([d for d, _ in parts], axis=1)                 # (nq, sum k_i)
-    I = np.concatenate([i for _, i in parts], axis=1)                 # (nq, sum k_i)
-    S = np.concatenate([np.full(i.shape, s, np.int32) for (_, i), s in zip(parts, sources)], axis=1)
-    if D.shape[1] < k:  # parts asked for fewer than k in all: pad with missing results
-        pad = ((0, 0), (0, k - D.shape[1]))
-        D, I, S = np.pad(D, pad), np.pad(I, pad, constant_values=-1), np.pad(S, pad)
-    missing = I < 0
-    D = np.where(missing, worst(metric), D).astype(np.float32, copy=False)
-    if D.shape[1] > k or len(parts) > 1:
-        key = D if metric == "l2" else -D
-        order = np.argsort(key, axis=1, kind="stable")[:, :k]          # (nq, k)
+    D = _pad(np.concatenate([d for d, _ in parts], axis=1), k, 0)             # (nq, >= k)
+    I = _pad(np.concatenate([i for _, i in parts], axis=1), k, -1)            # (nq, >= k)
+    S = _pad(np.concatenate([np.full(i.shape, s, np.int32)
+                             for (_, i), s in zip(parts, sources)], axis=1), k, 0)
+    D, order = _order(D, I, k, metric, len(parts))
+    if order is not None:
         D, I, S = (np.take_along_axis(a, order, axis=1) for a in (D, I, S))
-        missing = I < 0
-    S = np.where(missing, -1, S).astype(np.int32, copy=False)
+    S = np.where(I < 0, -1, S).astype(np.int32, copy=False)
     return np.ascontiguousarray(D), np.ascontiguousarray(I.astype(np.int64, copy=False)), S
+
+
+def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
+                  values_dtype: np.dtype | None, value_dim: int, keys: bool) -> SearchResult:
+    """The best k of several parts' results, payload included, best first.
+
+    parts: (source label, result) pairs; the merged `bank` is the label of the
+    part each result came from (-1 where missing). values_dtype: the values'
+    dtype in the merged result (None: no values); a part without values (a
+    key-only bank) contributes zeros. keys: whether every part carries keys.
+    """
+    if len(parts) == 1 and parts[0][1].ids.shape[1] == k:       # the common case: no copies
+        label, r = parts[0]
+        vals = r.values
+        if vals is not None and values_dtype is not None and vals.dtype != values_dtype:
+            vals = vals.astype(values_dtype)
+        bank = np.where(r.ids >= 0, np.int32(label), np.int32(-1)).astype(np.int32)
+        scores = np.where(r.ids >= 0, r.scores, np.float32(worst(metric))).astype(np.float32)
+        return SearchResult(ids=r.ids, scores=scores, bank=bank,
+                            values=vals if values_dtype is not None else None,
+                            keys=r.keys if keys else None)
+    nq = len(parts[0][1].ids)
+    D = _pad(np.concatenate([r.scores for _, r in parts], axis=1), k, 0)      # (nq, >= k)
+    I = _pad(np.concatenate([r.ids for _, r in parts], axis=1), k, -1)        # (nq, >= k)
+    S = _pad(np.concatenate([np.full(r.ids.shape, label, np.int32)
+                             for label, r in parts], axis=1), k, 0)
+    D, order = _order(D, I, k, metric, len(parts))
+    D, I, S = (_take(a, order) for a in (D, I, S))
+    S = np.where(I < 0, -1, S).astype(np.int32, copy=False)
+    out_v = out_k = None
+    if values_dtype is not None:
+        out_v = _take(_pad(np.concatenate(
+            [r.values.astype(values_dtype, copy=False) if r.values is not None
+             else np.zeros((nq, r.ids.shape[1], value_dim), values_dtype)
+             for _, r in parts], axis=1), k, 0), order)                      # (nq, k, dv)
+    if keys:
+        out_k = _take(_pad(np.concatenate([r.keys for _, r in parts], axis=1), k, 0),
+                      order)                                                  # (nq, k, dim)
+    for out in (out_v, out_k):
+        if out is not None:
+            out[I < 0] = 0
+    return SearchResult(ids=np.ascontiguousarray(I.astype(np.int64, copy=False)),
+                        scores=np.ascontiguousarray(D), bank=S, values=out_v, keys=out_k)
+
+
+def _take(a: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """a's rows (nq, m, ...) in order (nq, k), or a itself when order is None: C-contiguous."""
+    if order is None:
+        return np.ascontiguousarray(a)
+    idx = order if a.ndim == 2 else order.reshape(*order.shape, *([1] * (a.ndim - 2)))
+    return np.ascontiguousarray(np.take_along_axis(a, idx, axis=1))

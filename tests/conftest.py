@@ -64,7 +64,7 @@ def _start(server) -> None:
 
 @pytest.fixture
 def local_mem(tmp_path):
-    from memoryd.local import LocalMemory
+    from memoryd.engine import LocalMemory
 
     backend = LocalMemory(tmp_path / "data")
     try:
@@ -75,7 +75,7 @@ def local_mem(tmp_path):
 
 @pytest.fixture(params=["local", "daemon"])
 def mem(request, tmp_path):
-    from memoryd.local import LocalMemory
+    from memoryd.engine import LocalMemory
 
     backend = LocalMemory(tmp_path / "data")
     if request.param == "local":
@@ -86,7 +86,7 @@ def mem(request, tmp_path):
         return
 
     from knnlayer.client import MemoryClient
-    from memoryd.server import create_server
+    from memoryd.daemon.server import create_server
 
     listen, short = _socket_address(tmp_path)
     server = client = None
@@ -145,13 +145,13 @@ class Rig:
         self.start()
 
     def start(self) -> None:
-        from memoryd.local import LocalMemory
+        from memoryd.engine import LocalMemory
 
         self.local = LocalMemory(self.data_dir, clock=self.clock, reap_interval=None)
         if self.kind == "local":
             self.mem = self.local
             return
-        from memoryd.server import create_server
+        from memoryd.daemon.server import create_server
 
         self._generation += 1
         listen, short = _socket_address(self.tmp_path / f"g{self._generation}")

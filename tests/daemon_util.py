@@ -17,18 +17,18 @@ import sys
 import time
 from pathlib import Path
 
-from memoryd.server import wait_serving
+from memoryd.daemon.server import wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def memoryd_command() -> list[str]:
-    """The installed console script if there is one, else `python -m memoryd.cli`."""
+    """The installed console script if there is one, else `python -m memoryd.daemon.cli`."""
     script = Path(sys.executable).parent / "memoryd"
     if script.exists():
         return [str(script)]
     found = shutil.which("memoryd")
-    return [found] if found else [sys.executable, "-m", "memoryd.cli"]
+    return [found] if found else [sys.executable, "-m", "memoryd.daemon.cli"]
 
 
 def daemon_env() -> dict[str, str]:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from memoryd.api import BankSpec
-from knnlayer.attention import KNNAttention, KNNAttentionConfig, masked_softmax, to_device
+from knnlayer.attention import KNNAttention, KNNAttentionConfig, masked_softmax
+from knnlayer.retrieval import to_device
 
 D, DK, DV, H = 12, 8, 5, 3
 

@@ -716,20 +716,20 @@ def test_torch_inputs(mem, make_bank):
 # ---- big payloads (several gRPC chunks each way) ------------------------------------------
 
 def test_large_batches_span_several_messages(mem, make_bank):
-    """Add, search, get and export payloads above wire.CHUNK_BYTES arrive whole
+    """Add, search, get and export payloads above streams.CHUNK_BYTES arrive whole
     and in order (the daemon splits them into several messages)."""
-    from memoryd import wire
+    from memoryd.wire import streams
 
     spec = make_bank(mem, dim=32, value_dim=16)
     n = 40_000
     keys = gaussian(n, 32, 150)
     vals = values_for(n, 16, 151)
-    assert keys.nbytes + vals.nbytes > wire.CHUNK_BYTES
+    assert keys.nbytes + vals.nbytes > streams.CHUNK_BYTES
     ids = np.asarray(mem.add(spec.name, keys, vals))
     assert len(ids) == n and len(np.unique(ids)) == n
     q = gaussian(1000, 32, 152)
     res, _, _ = exact_check(mem, spec.name, [(keys, vals, ids)], q, 32, "l2", keys=True)
-    assert res.keys.nbytes + res.values.nbytes > wire.CHUNK_BYTES
+    assert res.keys.nbytes + res.values.nbytes > streams.CHUNK_BYTES
     g = mem.get(spec.name, ids[::-1], keys=True)
     assert g.found.all()
     np.testing.assert_array_equal(g.keys, keys[::-1])

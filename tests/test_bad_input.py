@@ -42,7 +42,7 @@ def refuses(env, exc, pattern, fn, *args, **kwargs):
     with pytest.raises(exc) as ei:
         fn(*args, **kwargs)
     err = ei.value
-    assert isinstance(err, errors.MemoryError)
+    assert isinstance(err, errors.MemorydError)
     assert re.search(pattern, str(err), re.IGNORECASE), (
         f"message {str(err)!r} does not match {pattern!r}")
     healthy(env)

@@ -433,8 +433,8 @@ def test_status(filled):
 
 @pytest.fixture
 def daemon(tmp_path):
-    server_mod = pytest.importorskip("memoryd.server")
-    from memoryd.local import LocalMemory
+    import memoryd.daemon.server as server_mod
+    from memoryd.engine import LocalMemory
 
     backend = LocalMemory(str(tmp_path / "daemon-data"))
     server, address = server_mod.create_server(backend, "127.0.0.1:0")  # started
@@ -446,7 +446,6 @@ def daemon(tmp_path):
 
 
 def test_commands_against_a_daemon(daemon, tmp_path):
-    pytest.importorskip("knnlayer.client")
     cli = Mem(["--address", daemon])
     keys, values = rand(50, 8, seed=7), rand(50, 4, seed=8)
     cli("bank", "create", "wiki", "--kind", "base", "--dim", "8", "--value-dim", "4",
@@ -475,21 +474,18 @@ def test_commands_against_a_daemon(daemon, tmp_path):
 
 
 def test_env_address(daemon, monkeypatch):
-    pytest.importorskip("knnlayer.client")
     monkeypatch.setenv("MEMCTL_ADDRESS", daemon)
     assert Mem([]).json("bank", "list") == []
 
 
 def test_unreachable_daemon_is_a_clean_error():
-    pytest.importorskip("knnlayer.client")
     Mem(["--address", "127.0.0.1:9", "--timeout", "2"]).fails("bank", "list")
 
 
 def test_default_socket_in_the_working_directory(tmp_path, monkeypatch):
     """Without --address/--data-dir, memctl uses ./mem/memoryd.sock when it exists."""
-    server_mod = pytest.importorskip("memoryd.server")
-    pytest.importorskip("knnlayer.client")
-    from memoryd.local import LocalMemory
+    import memoryd.daemon.server as server_mod
+    from memoryd.engine import LocalMemory
 
     (tmp_path / "mem").mkdir()
     backend = LocalMemory(str(tmp_path / "data"))

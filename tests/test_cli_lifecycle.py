@@ -17,9 +17,8 @@ def cli(request, tmp_path):
     if request.param == "embedded":
         yield Mem(["--data-dir", str(tmp_path / "data")])
         return
-    server_mod = pytest.importorskip("memoryd.server")
-    pytest.importorskip("knnlayer.client")
-    from memoryd.local import LocalMemory
+    import memoryd.daemon.server as server_mod
+    from memoryd.engine import LocalMemory
 
     backend = LocalMemory(str(tmp_path / "daemon-data"))
     server, address = server_mod.create_server(backend, "127.0.0.1:0")
@@ -303,7 +302,7 @@ def test_an_older_daemon_is_a_clean_error():
     from memctl.common import cli_errors
     from memoryd import errors
 
-    err = errors.MemoryError("UNIMPLEMENTED: Method not found!")
+    err = errors.MemorydError("UNIMPLEMENTED: Method not found!")
     err.code = "UNIMPLEMENTED"
     with pytest.raises(click.ClickException, match="upgrade memoryd"):
         with cli_errors("memoryd at unix:///x.sock "):

@@ -27,11 +27,13 @@ from grpc_status import rpc_status
 
 from daemon_util import daemon_env, daemon_log, serve_args, start_daemon, stop_daemon
 from knnlayer.client import MemoryClient
-from memoryd import config as cfg
-from memoryd import errors, wire
-from memoryd.api import BankQuery, BankSpec, SessionSpec, StackUse
-from memoryd.local import LocalMemory
-from memoryd.server import create_server
+from memoryd.daemon import config as cfg
+from memoryd import errors
+from memoryd.wire import messages, streams, tensors
+from memoryd.wire.channel import CHANNEL_OPTIONS
+from memoryd.api import BankQuery, BankSpec, Caller, SessionSpec, StackUse
+from memoryd.engine import LocalMemory
+from memoryd.daemon.server import create_server
 from memoryd.v1 import memory_pb2 as pb
 from memoryd.v1 import memory_pb2_grpc as pb_grpc
 
@@ -58,7 +60,7 @@ def daemon(short_dir):
 
 @pytest.fixture(scope="module")
 def channel(daemon):
-    with grpc.insecure_channel(daemon[1], options=wire.CHANNEL_OPTIONS) as ch:
+    with grpc.insecure_channel(daemon[1], options=CHANNEL_OPTIONS) as ch:
         yield ch
 
 
@@ -109,9 +111,9 @@ def test_ping_echoes(client, stub):
 
 
 def test_health_cli(daemon):
-    ok = CliRunner().invoke(__import__("memoryd.cli").cli.main, ["health", "--address", daemon[1]])
+    ok = CliRunner().invoke(__import__("memoryd.daemon.cli").daemon.cli.main, ["health", "--address", daemon[1]])
     assert ok.exit_code == 0 and "SERVING" in ok.output
-    out = CliRunner().invoke(__import__("memoryd.cli").cli.main, ["version"])
+    out = CliRunner().invoke(__import__("memoryd.daemon.cli").daemon.cli.main, ["version"])
     assert out.exit_code == 0 and out.output.startswith("memoryd ")
 
 
@@ -141,16 +143,16 @@ def test_corrupted_tensor_is_invalid_argument(client, stub, tensor):
 
 def test_add_stream_is_all_or_nothing(client, stub):
     spec = new_bank(client, value_dim=0)
-    good = pb.AddRequest(bank=spec.name, keys=wire.encode(rand(4, 16)))
+    good = pb.AddRequest(bank=spec.name, keys=tensors.encode(rand(4, 16)))
     bad = pb.AddRequest(keys=pb.Tensor(dtype=pb.FLOAT32, shape=[4, 16], data=b"\x00"))
-    other = pb.AddRequest(bank="someone-else", keys=wire.encode(rand(4, 16)))
-    wrong_dim = pb.AddRequest(keys=wire.encode(rand(4, 8)))
+    other = pb.AddRequest(bank="someone-else", keys=tensors.encode(rand(4, 16)))
+    wrong_dim = pb.AddRequest(keys=tensors.encode(rand(4, 8)))
     for stream in ([good, bad], [good, other], [good, wrong_dim], []):
         assert _code(lambda: stub.Add(iter(stream))) == grpc.StatusCode.INVALID_ARGUMENT
     assert client.bank_info(spec.name).count == 0
-    later = pb.AddRequest(keys=wire.encode(rand(4, 16)))         # later chunks: bank left empty
+    later = pb.AddRequest(keys=tensors.encode(rand(4, 16)))         # later chunks: bank left empty
     reply = stub.Add(iter([good, later, pb.AddRequest(bank=spec.name, keys=good.keys)]))
-    assert wire.decode(reply.ids).shape == (12,)
+    assert tensors.decode(reply.ids).shape == (12,)
     assert client.bank_info(spec.name).count == 12
 
 
@@ -160,7 +162,7 @@ def test_empty_update_stream_is_invalid_argument(stub):
 
 def test_unexpected_error_is_internal_and_daemon_survives(short_dir, caplog):
     class Broken:
-        def stats(self):
+        def stats(self, *, caller=None):
             raise RuntimeError("disk on fire")
 
     server, address = create_server(Broken(), f"unix://{short_dir}/broken.sock")
@@ -182,7 +184,7 @@ def test_unexpected_error_is_internal_and_daemon_survives(short_dir, caplog):
 
 def test_quota_exceeded_carries_details(client, stub):
     spec = new_bank(client, value_dim=0, quota_bytes=2000)
-    req = pb.AddRequest(bank=spec.name, keys=wire.encode(rand(1000, 16)))
+    req = pb.AddRequest(bank=spec.name, keys=tensors.encode(rand(1000, 16)))
     with pytest.raises(grpc.RpcError) as e:
         stub.Add(iter([req]))
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -223,11 +225,11 @@ def test_search_reply_above_4mib_streams_in_blocks(daemon, client, stub):
     spec = new_bank(client, dim=32, value_dim=128)
     client.add(spec.name, rand(500, 32), rand(500, 128))
     queries = rand(4096, 32)                  # 4096 x 32 x 128 fp32 values = 64 MiB
-    msgs = list(stub.Search(pb.SearchRequest(banks=[spec.name], queries=wire.encode(queries),
+    msgs = list(stub.Search(pb.SearchRequest(banks=[spec.name], queries=tensors.encode(queries),
                                              k=32, values=True)))
     assert len(msgs) >= 16
     assert [m.offset for m in msgs] == list(np.cumsum([0] + [m.ids.shape[0] for m in msgs[:-1]]))
-    assert max(m.ByteSize() for m in msgs) <= wire.CHUNK_BYTES + 4096
+    assert max(m.ByteSize() for m in msgs) <= streams.CHUNK_BYTES + 4096
 
     got, want = client.search(spec.name, queries, 32), backend.search(spec.name, queries, 32)
     assert got.values.shape == (4096, 32, 128) and got.values.dtype == np.float32
@@ -274,14 +276,14 @@ def test_stack_options_round_trip(daemon, client, stub):
     req = pb.SearchRequest(stack=[pb.BankQuery(name=a.name, k=2, bias=0.75),
                                   pb.BankQuery(name=b.name, exclude=True),
                                   pb.BankQuery(name=c.name)],
-                           queries=wire.encode(queries), k=5, values=True, keys=True)
+                           queries=tensors.encode(queries), k=5, values=True, keys=True)
     msgs = list(stub.Search(req))
-    np.testing.assert_array_equal(np.concatenate([wire.decode(m.ids) for m in msgs]), got.ids)
-    np.testing.assert_array_equal(np.concatenate([wire.decode(m.scores) for m in msgs]), got.scores)
+    np.testing.assert_array_equal(np.concatenate([tensors.decode(m.ids) for m in msgs]), got.ids)
+    np.testing.assert_array_equal(np.concatenate([tensors.decode(m.scores) for m in msgs]), got.scores)
 
     # default options travel as plain `banks` (older daemons understand them)
-    assert wire.is_plain([BankQuery(a.name), BankQuery(c.name)])
-    assert not wire.is_plain([BankQuery(a.name, bias=0.1)])
+    assert messages.is_plain([BankQuery(a.name), BankQuery(c.name)])
+    assert not messages.is_plain([BankQuery(a.name, bias=0.1)])
     _same(client.search([BankQuery(a.name), c.name], queries, 3),
           backend.search([a.name, c.name], queries, 3))
 
@@ -291,7 +293,7 @@ def test_stack_options_round_trip(daemon, client, stub):
         with pytest.raises(errors.InvalidArgument):
             client.search(bad, queries, 3)
     bad_k = pb.SearchRequest(stack=[pb.BankQuery(name=a.name, k=-3)],
-                             queries=wire.encode(queries), k=3)
+                             queries=tensors.encode(queries), k=3)
     assert _code(lambda: list(stub.Search(bad_k))) == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -304,7 +306,7 @@ def test_client_name_reaches_stats(daemon, stub):
         named.search([BankQuery(spec.name, bias=1.0)], rand(2, 16), 3)
         anon.search(spec.name, rand(2, 16), 3)
         assert anon.client_name == f"{socket.gethostname()}:{os.getpid()}"
-        list(stub.Search(pb.SearchRequest(banks=[spec.name], queries=wire.encode(rand(1, 16)),
+        list(stub.Search(pb.SearchRequest(banks=[spec.name], queries=tensors.encode(rand(1, 16)),
                                           k=1)))
         stacks = {(u.client, u.banks): u for u in named.stats().stacks
                   if u.banks == (spec.name,)}
@@ -316,22 +318,41 @@ def test_client_name_reaches_stats(daemon, stub):
             MemoryClient(address, client_name="caf\u00e9\n", wait_ready=0)
 
 
-def test_backend_without_client_keyword_still_serves(short_dir):
-    class Plain:                       # a backend whose search knows no `client`
+def test_every_call_reaches_the_backend_with_its_caller(short_dir):
+    """The daemon hands every backend call the Caller named in the call's
+    metadata (no signature inspection): one plane after another."""
+    seen: list[tuple[str, object]] = []
+
+    class Recording:
         def __init__(self, inner):
             self.inner = inner
 
-        def search(self, banks, queries, k, values=True, keys=False):
-            return self.inner.search(banks, queries, k, values=values, keys=keys)
+        def __getattr__(self, name):
+            method = getattr(self.inner, name)
 
-    inner = LocalMemory(short_dir / "plain")
-    server, address = create_server(Plain(inner), f"unix://{short_dir}/plain.sock")
+            def call(*args, caller=None, **kwargs):
+                seen.append((name, caller))
+                return method(*args, caller=caller, **kwargs)
+            return call
+
+    inner = LocalMemory(short_dir / "rec")
+    server, address = create_server(Recording(inner), f"unix://{short_dir}/rec.sock")
     try:
-        inner.create_bank(BankSpec("p", dim=16, value_dim=8))
-        inner.add("p", rand(10, 16), rand(10, 8))
-        with MemoryClient(address) as c:
-            assert c.search([BankQuery("p", bias=0.5)], rand(3, 16), 4).ids.shape == (3, 4)
-        assert [u.client for u in inner.stats().stacks] == ["local"]
+        with MemoryClient(address, client_name="who") as c:
+            c.create_bank(BankSpec("p", dim=16, value_dim=8))                     # admin
+            c.add("p", rand(10, 16), rand(10, 8))                                 # data
+            c.search([BankQuery("p", bias=0.5)], rand(3, 16), 4)
+            sid = c.open_session(SessionSpec(dim=16, value_dim=8)).session_id     # sessions
+            c.append(sid, rand(2, 16), rand(2, 8))
+            c.tenant_info("default")                                              # tenants
+            c.stats()
+            with MemoryClient(address, client_name="other") as d:
+                d.bank_info("p")
+        names = [n for n, _ in seen]
+        assert names == ["create_bank", "add", "search", "open_session", "append", "tenant_info",
+                         "stats", "bank_info"]
+        assert [cl for _, cl in seen] == [Caller("who")] * 7 + [Caller("other")]
+        assert [(u.client, u.banks) for u in inner.stats().stacks] == [("who", ("p",))]
     finally:
         server.stop(0).wait(5)
         inner.close()
@@ -339,7 +360,7 @@ def test_backend_without_client_keyword_still_serves(short_dir):
 
 def test_tier_and_eviction_defaults_on_the_wire(client, stub):
     name = f"d{next(_n)}"
-    info = wire.info_from_pb(stub.CreateBank(pb.CreateBankRequest(spec=pb.BankSpec(
+    info = messages.info_from_pb(stub.CreateBank(pb.CreateBankRequest(spec=pb.BankSpec(
         name=name, dim=16, quota_bytes=-1))))           # tier, eviction unset
     assert (info.spec.tier, info.spec.eviction) == ("ram", "reject")
     assert isinstance(info.tier_bytes, dict)
@@ -384,18 +405,18 @@ def test_session_ttls_none_and_zero_on_the_wire(daemon, client, stub):
 
 def test_append_stream_is_checked_and_all_or_nothing(client, stub):
     sid = client.open_session(SessionSpec(dim=16, value_dim=8)).session_id
-    good = pb.AppendRequest(session_id=sid, keys=wire.encode(rand(4, 16)),
-                            values=wire.encode(rand(4, 8)))
-    wrong_dim = pb.AppendRequest(keys=wire.encode(rand(4, 12)), values=wire.encode(rand(4, 8)))
+    good = pb.AppendRequest(session_id=sid, keys=tensors.encode(rand(4, 16)),
+                            values=tensors.encode(rand(4, 8)))
+    wrong_dim = pb.AppendRequest(keys=tensors.encode(rand(4, 12)), values=tensors.encode(rand(4, 8)))
     other = pb.AppendRequest(session_id="s-other", keys=good.keys, values=good.values)
     unnamed = pb.AppendRequest(keys=good.keys, values=good.values)
     half_scores = pb.AppendRequest(keys=good.keys, values=good.values,
-                                   scores=wire.encode(np.ones(4, np.float32)))
+                                   scores=tensors.encode(np.ones(4, np.float32)))
     for stream in ([good, wrong_dim], [good, other], [unnamed], [good, half_scores], []):
         assert _code(lambda: stub.Append(iter(stream))) == grpc.StatusCode.INVALID_ARGUMENT
     assert client.session_info(sid).bank.count == 0
     reply = stub.Append(iter([good, pb.AppendRequest(keys=good.keys, values=good.values)]))
-    ids = wire.decode(reply.ids)
+    ids = tensors.decode(reply.ids)
     assert ids.dtype == np.int64 and ids.shape == (8,)
     assert client.session_info(sid).bank.count == 8
 
@@ -484,9 +505,9 @@ def test_serve_process_lifecycle(short_dir):
             before = c.search("kept", queries, 32)
 
         # A 64 MiB reply we read slowly: the handler is mid-stream at SIGTERM.
-        with grpc.insecure_channel(address, options=wire.CHANNEL_OPTIONS) as ch:
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as ch:
             stream = pb_grpc.MemoryStub(ch).Search(pb.SearchRequest(
-                banks=["kept"], queries=wire.encode(queries), k=32, values=True), timeout=30)
+                banks=["kept"], queries=tensors.encode(queries), k=32, values=True), timeout=30)
             first = next(stream)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)

@@ -4,10 +4,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memoryd import fastwire, wire
+from memoryd.wire import fastwire
+from memoryd.wire import tensors
 from memoryd.arrays import BFLOAT16
 from memoryd.errors import InvalidArgument
-from memoryd.shm import Placed
+from memoryd.wire.shm import Placed
 from memoryd.v1 import memory_pb2 as pb
 
 DTYPES = [np.float32, np.float16, BFLOAT16, np.int64, np.int32]
@@ -26,16 +27,16 @@ def arrays(draw):
 @given(offset=st.integers(0, 2**40), ids=arrays(), values=st.one_of(st.none(), arrays()))
 def test_encode_is_protobufs_encoding(offset, ids, values):
     fast = fastwire.encode(pb.SearchResponse, offset=offset, ids=ids, values=values)
-    ref = pb.SearchResponse(offset=offset, ids=wire.encode(ids),
-                            values=None if values is None else wire.encode(values))
+    ref = pb.SearchResponse(offset=offset, ids=tensors.encode(ids),
+                            values=None if values is None else tensors.encode(values))
     assert fast == ref.SerializeToString()
 
 
 @settings(max_examples=200, deadline=None)
 @given(offset=st.integers(0, 2**40), ids=arrays(), keys=arrays())
 def test_decode_reads_protobufs_encoding(offset, ids, keys):
-    data = pb.SearchResponse(offset=offset, ids=wire.encode(ids),
-                             keys=wire.encode(keys)).SerializeToString()
+    data = pb.SearchResponse(offset=offset, ids=tensors.encode(ids),
+                             keys=tensors.encode(keys)).SerializeToString()
     got = fastwire.decode(pb.SearchResponse, data)
     assert got.get("offset", 0) == offset
     for name, a in (("ids", ids), ("keys", keys)):
@@ -71,7 +72,7 @@ def test_a_placed_tensor_is_protobufs_buffer_offset_both_ways(dtype, shape, buff
     placed = Placed(np.dtype(dtype), tuple(shape), buffer_offset)
     fast = fastwire.encode(pb.SearchResponse, offset=7, values=placed)
     ref = pb.SearchResponse(offset=7, values=pb.Tensor(
-        dtype=wire._TO_PB[np.dtype(dtype)], shape=shape, buffer_offset=buffer_offset))
+        dtype=tensors.TO_PB[np.dtype(dtype)], shape=shape, buffer_offset=buffer_offset))
     assert fast == ref.SerializeToString()           # offset 0 too: an optional field is sent
     assert fastwire.decode(pb.SearchResponse, fast)["values"] == placed
 

@@ -24,7 +24,7 @@ REMOVABLE = {"p-flat", "p-hnsw", "p-ivf", "p-sharded", "p-fp16", "p-bf16", "p-ke
 
 
 def open_mem(path, **kw):
-    from memoryd.local import LocalMemory
+    from memoryd.engine import LocalMemory
 
     return LocalMemory(path, **kw)
 
@@ -235,7 +235,7 @@ def test_reopen_after_crash_without_close(tmp_path):
     code = textwrap.dedent(f"""
         import os, sys
         sys.path[:0] = [{str(here)!r}, {str(here.parent)!r}]
-        from memoryd.local import LocalMemory
+        from memoryd.engine import LocalMemory
         from test_persistence import populate, populate_more
         mem = LocalMemory({str(crashed)!r})
         populate(mem)

@@ -4,14 +4,14 @@ import math
 import numpy as np
 import pytest
 
-from memoryd import product_keys
+from memoryd import keyspace
 from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded
-from memoryd.local import LocalMemory
+from memoryd.engine import LocalMemory
 
 
 def all_keys(n: int, dim: int, seed: int) -> np.ndarray:
     """Every key of a product-key bank, row = id: (n^2, dim)."""
-    c = product_keys.subkeys(n, dim, seed)
+    c = keyspace.subkeys(n, dim, seed)
     i, j = np.divmod(np.arange(n * n), n)
     return np.concatenate([c[0][i], c[1][j]], axis=1) / math.sqrt(2)
 

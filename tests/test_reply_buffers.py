@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from knnlayer import reply_buffers
+from memoryd.wire import reply_pool
 from knnlayer.client import MemoryClient
-from memoryd import shm
+from memoryd.wire import shm
 from memoryd.api import BankSpec
 from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, UnknownReplyBuffer
-from memoryd.local import LocalMemory
-from memoryd.server import create_server
+from memoryd.engine import LocalMemory
+from memoryd.daemon.server import create_server
 
 FIELDS = ("ids", "scores", "bank", "values", "keys")
 
@@ -201,7 +201,7 @@ def test_replies_come_through_shared_memory_from_the_second_search_on(rig, tmp_p
     q = queries(500)
     ref = mem.search("b", q, 20, values=True, keys=True)
     assert_same(c.search("b", q, 20, values=True, keys=True), ref)   # inline, then a buffer opens
-    assert bufs.used_bytes() == reply_buffers.buffer_size(
+    assert bufs.used_bytes() == reply_pool.buffer_size(
         shm.layout({f: getattr(ref, f) for f in FIELDS})[1])
     (b,) = bufs._open.values()
     assert not b.unlinked
@@ -306,7 +306,7 @@ def test_concurrent_searches_each_get_their_own_buffer(rig, tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors[0]
-    assert 1 <= len(bufs._open) <= reply_buffers.MAX_BUFFERS
+    assert 1 <= len(bufs._open) <= reply_pool.MAX_BUFFERS
 
 
 def test_tcp_clients_ask_only_when_told(rig, tmp_path):
@@ -334,7 +334,7 @@ def test_closing_the_client_closes_its_buffers(rig, tmp_path):
 
 
 def test_serve_config_for_reply_buffers(tmp_path):
-    from memoryd import config as cfg
+    from memoryd.daemon import config as cfg
     c = cfg.load(None, env={}, data_dir=str(tmp_path))
     assert c.shm_dir is None and c.shm_bytes == 1 << 30
     c = cfg.load(None, env={}, data_dir=str(tmp_path), shm_dir=str(tmp_path), shm_bytes="64MiB")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from memoryd import errors
-from memoryd import faiss_index as fx
+from memoryd.storage import faiss_index as fx
 from reference import gaussian, mixture, topk_union
 
 DIM, VDIM = 8, 4

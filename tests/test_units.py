@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from memoryd import api, errors, wire
+from memoryd import api, errors
+from memoryd.wire import messages, streams, tensors
 from memoryd.api import BankInfo, BankSpec
 from memoryd.arrays import BFLOAT16, VALUE_DTYPES, id_vector, matrix, to_numpy, value_dtype
 from memoryd.sizes import format_size, parse_size
@@ -163,25 +164,25 @@ def _bits(a: np.ndarray) -> np.ndarray:
 def test_codec_round_trip(dt, shape):
     rng = np.random.default_rng(0)
     a = (rng.standard_normal(shape) * 100).astype(np.float32).astype(dt)
-    t = wire.encode(a)
+    t = tensors.encode(a)
     assert list(t.shape) == list(shape)
     assert len(t.data) == a.size * dt.itemsize
-    b = wire.decode(pb.Tensor.FromString(t.SerializeToString()))
+    b = tensors.decode(pb.Tensor.FromString(t.SerializeToString()))
     assert b.dtype == dt and b.shape == a.shape
     np.testing.assert_array_equal(_bits(b), _bits(a))
 
 
 def test_codec_is_little_endian_and_takes_views():
     a = np.arange(6, dtype=">f4").reshape(2, 3)
-    t = wire.encode(a)
+    t = tensors.encode(a)
     assert t.data == np.arange(6, dtype="<f4").tobytes()
-    b = wire.decode(t)
+    b = tensors.decode(t)
     assert b.dtype == np.float32 and np.array_equal(b, a)
     v = np.arange(20, dtype=np.int64).reshape(4, 5)[:, ::2]      # strided view
-    np.testing.assert_array_equal(wire.decode(wire.encode(v)), v)
+    np.testing.assert_array_equal(tensors.decode(tensors.encode(v)), v)
     bf = np.array([1.0, -2.5, 3.0e38], np.float32).astype(BFLOAT16)
-    assert wire.encode(bf).dtype == pb.BFLOAT16
-    np.testing.assert_array_equal(_bits(wire.decode(wire.encode(bf))), _bits(bf))
+    assert tensors.encode(bf).dtype == pb.BFLOAT16
+    np.testing.assert_array_equal(_bits(tensors.decode(tensors.encode(bf))), _bits(bf))
 
 
 @st.composite
@@ -199,36 +200,36 @@ def wire_arrays(draw):
 @given(wire_arrays())
 @settings(max_examples=80, deadline=None, database=None)
 def test_codec_round_trip_any_bits(a):
-    b = wire.decode(pb.Tensor.FromString(wire.encode(a).SerializeToString()))
+    b = tensors.decode(pb.Tensor.FromString(tensors.encode(a).SerializeToString()))
     assert b.dtype == a.dtype and b.shape == a.shape
     np.testing.assert_array_equal(_bits(b), _bits(np.ascontiguousarray(a)))
 
 
 def test_codec_rejects():
     with pytest.raises(errors.InvalidArgument, match="cannot send"):
-        wire.encode(np.zeros(3, np.float64))
+        tensors.encode(np.zeros(3, np.float64))
     with pytest.raises(errors.InvalidArgument, match="cannot send"):
-        wire.encode(np.zeros(3, np.uint8))
-    good = wire.encode(np.zeros((2, 3), np.float32))
+        tensors.encode(np.zeros(3, np.uint8))
+    good = tensors.encode(np.zeros((2, 3), np.float32))
     short = pb.Tensor(dtype=good.dtype, shape=[2, 3], data=good.data[:-1])
     with pytest.raises(errors.InvalidArgument, match="do not match"):
-        wire.decode(short, "keys")
+        tensors.decode(short, "keys")
     with pytest.raises(errors.InvalidArgument, match="dtype"):
-        wire.decode(pb.Tensor(shape=[1], data=b"\0\0\0\0"))
+        tensors.decode(pb.Tensor(shape=[1], data=b"\0\0\0\0"))
     with pytest.raises(errors.InvalidArgument, match="negative"):
-        wire.decode(pb.Tensor(dtype=pb.FLOAT32, shape=[-1, 2], data=b""))
+        tensors.decode(pb.Tensor(dtype=pb.FLOAT32, shape=[-1, 2], data=b""))
     msg = pb.SearchRequest()
-    assert wire.maybe_decode(msg, "queries") is None
+    assert tensors.maybe_decode(msg, "queries") is None
 
 
 @pytest.mark.parametrize("n,row", [(0, 16), (1, 16), (10, 16), (1000, 4 << 20),
                                    (100_000, 1000), (3, 10 << 20)])
 def test_chunk_slices_cover_rows(n, row):
-    slices = list(wire.chunk_slices(n, row))
+    slices = list(streams.chunk_slices(n, row))
     covered = [i for s in slices for i in range(s.start, s.stop)]
     assert covered == list(range(n))
     for s in slices:
-        assert (s.stop - s.start) * row <= max(wire.CHUNK_BYTES, row)
+        assert (s.stop - s.start) * row <= max(streams.CHUNK_BYTES, row)
 
 
 # ---- bank specs ------------------------------------------------------------------------------
@@ -293,21 +294,21 @@ def test_spec_and_info_wire_round_trip():
                     s = BankSpec(f"b-{kind}", dim=24, value_dim=8, kind=kind, value_dtype=vdt,
                                  metric=metric, index="IVF16,Flat|nprobe=4", shards=3,
                                  quota_bytes=quota, tenant="acme")
-                    m = pb.BankSpec.FromString(wire.spec_to_pb(s).SerializeToString())
-                    assert wire.spec_from_pb(m) == s
+                    m = pb.BankSpec.FromString(messages.spec_to_pb(s).SerializeToString())
+                    assert messages.spec_from_pb(m) == s
     info = BankInfo(spec=BankSpec("x", dim=4), count=7, used_bytes=99, frozen=True,
                     trained=True, checksum="sha256:ab", created_at=1.5, updated_at=2.5)
-    assert wire.info_from_pb(wire.info_to_pb(info)) == info
-    assert wire.quota_from_pb(wire.quota_to_pb(None)) is None
-    assert wire.quota_from_pb(wire.quota_to_pb(0)) == 0
+    assert messages.info_from_pb(messages.info_to_pb(info)) == info
+    assert messages.quota_from_pb(messages.quota_to_pb(None)) is None
+    assert messages.quota_from_pb(messages.quota_to_pb(0)) == 0
 
 
 def test_spec_from_pb_defaults_and_unknown_enums():
-    s = wire.spec_from_pb(pb.BankSpec(name="x", dim=4))
+    s = messages.spec_from_pb(pb.BankSpec(name="x", dim=4))
     assert (s.kind, s.metric, s.value_dtype, s.index, s.shards, s.tenant) == \
         ("domain", "l2", "float32", "Flat", 1, "default")
     assert s.quota_bytes == 0 or s.quota_bytes is None
-    bad = wire.spec_from_pb(pb.BankSpec(name="x", dim=4, metric=7, value_dtype=9))
+    bad = messages.spec_from_pb(pb.BankSpec(name="x", dim=4, metric=7, value_dtype=9))
     with pytest.raises(errors.InvalidArgument, match="metric"):
         bad.validated()
     with pytest.raises(errors.InvalidArgument, match="dtype"):
@@ -387,5 +388,5 @@ def test_quota_exceeded_message_and_pickle():
     ("HNSW32_PQ8", False), ("IVF100,SQ8", False),
 ])
 def test_exact_scores_only_for_indexes_that_keep_the_keys(spec, exact):
-    from memoryd.faiss_index import exact_scores
+    from memoryd.keyspace import exact_scores
     assert exact_scores(spec) is exact

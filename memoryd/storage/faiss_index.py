@@ -1,59 +1,35 @@
 """FAISS index construction, training and size accounting for one bank.
 
-A bank's index spec is any faiss `index_factory` string, optionally followed
-by search parameters after a '|' (faiss ParameterSpace syntax), e.g.
-"HNSW32|efSearch=128" or "IVF1024,Flat|nprobe=32". Ids are always explicit
-64-bit ids: IVF indexes store them natively, everything else is wrapped in an
+The one module that imports faiss (with its install hint). A bank's index
+spec is parsed by memoryd.keyspace.IndexSpec. Ids are always explicit 64-bit
+ids: IVF indexes store them natively, everything else is wrapped in an
 IndexIDMap (never positional ids).
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
 
-from memoryd.errors import InvalidArgument, NeedsTraining
+from memoryd.errors import FailedPrecondition, InvalidArgument, NeedsTraining
+from memoryd.keyspace import IndexSpec
+
+# How to get faiss, as the README's install line says it (./dev installs the cpu extra).
+INSTALL_HINT = ("pip install -e '.[cpu]' in the memoryd checkout (CPU hosts), "
+                "or -e '.[gpu]' (faiss-gpu, CUDA hosts)")
+GPU_HINT = ("tier gpu needs a CUDA device and faiss-gpu (pip install -e '.[gpu]' in the "
+            "memoryd checkout); this host has none: use ram or mmap")
 
 try:
     import faiss
 except ImportError as e:  # pragma: no cover - exercised only without faiss
-    raise ImportError(
-        "faiss is not installed: pip install 'memoryd[cpu]' (CPU hosts) "
-        "or 'memoryd[gpu]' (CUDA hosts)") from e
+    raise ImportError(f"faiss is not installed: {INSTALL_HINT}") from e
 
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 # Defaults that make approximate indexes useful out of the box; a spec's own
 # "|param=..." part overrides them.
 DEFAULT_EF_SEARCH = 64
 DEFAULT_NPROBE = 16
-
-
-@dataclass(frozen=True)
-class IndexSpec:
-    factory: str
-    params: str          # ParameterSpace string, may be empty
-
-    @classmethod
-    def parse(cls, text: str) -> "IndexSpec":
-        factory, _, params = text.partition("|")
-        factory = factory.strip()
-        if not factory:
-            raise InvalidArgument(f"empty faiss index spec in {text!r}")
-        return cls(factory, params.strip())
-
-
-# index_factory parts that keep the stored vectors as they are: such an index's
-# scores are the exact distances of the keys it returns (approximate search
-# only chooses WHICH keys). Quantisers (PQ, SQ, ...) and transforms (PCA, ...)
-# change the distances themselves.
-_EXACT_PART = re.compile(r"^(IDMap2?|IVF\d+(_HNSW\d+)?|HNSW\d+|Flat|FlatIP|FlatL2)$")
-
-
-def exact_scores(spec_text: str) -> bool:
-    """Whether the scores of an index of this spec are exact for the keys it returns."""
-    factory = IndexSpec.parse(spec_text).factory
-    return all(_EXACT_PART.match(part.strip()) for part in factory.split(","))
 
 
 def faiss_reason(e: Exception) -> str:
@@ -184,6 +160,12 @@ def num_gpus() -> int:
         return int(faiss.get_num_gpus())
     except AttributeError:
         return 0
+
+
+def require_gpu() -> None:
+    """FailedPrecondition, with the install hint, unless faiss sees a GPU."""
+    if num_gpus() == 0:
+        raise FailedPrecondition(GPU_HINT)
 
 
 def configure(index: "faiss.Index", spec_text: str) -> "faiss.Index":

@@ -1,6 +1,6 @@
 """The client's reply buffers: shared memory that memoryd writes search results into.
 
-See memoryd/shm.py for the protocol. Here: a small pool, so that each search
+See memoryd/wire/shm.py for the protocol. Here: a small pool, so that each search
 in flight (a forward's `start` overlapping another's, several threads) has a
 buffer of its own, sized by what the replies turned out to need:
 
@@ -24,10 +24,11 @@ import threading
 import time
 from typing import Callable
 
-from memoryd import errors, shm
+from memoryd import errors
 from memoryd.v1 import memory_pb2 as pb
+from memoryd.wire import shm
 
-log = logging.getLogger("knnlayer.client")
+log = logging.getLogger("memoryd.client")
 
 MAX_BUFFERS = 4               # searches in flight at once that use shared memory
 MIN_REPLY_BYTES = 64 << 10    # smaller replies stay inline: the socket is as fast
@@ -92,7 +93,7 @@ class ReplyBufferPool:
         buf.close()
         try:
             self._close_rpc(buf.handle)
-        except (errors.MemoryError, ValueError):  # already gone (idle, restart); channel closed
+        except (errors.MemorydError, ValueError):  # already gone (idle, restart); channel closed
             pass
 
     def close(self) -> None:
@@ -106,7 +107,7 @@ class ReplyBufferPool:
     def _open(self, size: int) -> shm.MappedReplyBuffer | None:
         try:
             info = self._open_rpc(size)
-        except errors.MemoryError as e:          # off, full, or a daemon without buffers
+        except errors.MemorydError as e:          # off, full, or a daemon without buffers
             if getattr(e, "code", "") == "UNIMPLEMENTED" or isinstance(e, errors.FailedPrecondition):
                 self._turn_off(f"the daemon offers no reply buffers: {e}")
             else:                                # no room: not this size again for a while
@@ -118,7 +119,7 @@ class ReplyBufferPool:
         except (OSError, ValueError) as e:       # not this host's /dev/shm
             try:
                 self._close_rpc(info.handle)
-            except errors.MemoryError:
+            except errors.MemorydError:
                 pass
             self._turn_off(f"cannot map the daemon's reply buffer {info.path}: {e}")
             return None

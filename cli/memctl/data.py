@@ -140,7 +140,7 @@ def _resume_message(backend, bank, exc, start, row, n, expected_count, batch_siz
         msg = "interrupted"
     elif isinstance(exc, click.ClickException):
         msg = exc.message
-    elif isinstance(exc, (errors.MemoryError, ValueError, OSError)):
+    elif isinstance(exc, (errors.MemorydError, ValueError, OSError)):
         msg = one_line(str(exc) or type(exc).__name__)
     else:
         msg = one_line(f"{type(exc).__name__}: {exc}")

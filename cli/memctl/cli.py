@@ -3,7 +3,7 @@
 Every command is a thin wrapper over the MemoryBackend interface
 (memoryd.api): it talks either to a running daemon (--address, through
 knnlayer.client.MemoryClient) or opens a data directory in-process
-(--data-dir, through memoryd.local.LocalMemory). Errors are reported as one
+(--data-dir, through memoryd.engine.LocalMemory). Errors are reported as one
 line and a non-zero exit status.
 
 This module is the `memctl` group and the status overview; the commands live

@@ -13,9 +13,9 @@ both directions against protobuf's own codec):
     decode(pb.SearchResponse, data) -> {"offset": 0, "ids": ndarray, ...}
         arrays are read-only views into `data` (no copy)
 
-A tensor may also be a `memoryd.shm.Placed` (dtype, shape, offset): its
+A tensor may also be a `memoryd.wire.shm.Placed` (dtype, shape, offset): its
 bytes lie in a reply buffer, and the Tensor carries `buffer_offset` instead
-of `data` (see memoryd/shm.py); decode returns such tensors as Placed.
+of `data` (see memoryd/wire/shm.py); decode returns such tensors as Placed.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import math
 import numpy as np
 
 from memoryd.errors import InvalidArgument
-from memoryd.shm import Placed
-from memoryd.wire import _FROM_PB, _TO_PB, check_shape
+from memoryd.wire.shm import Placed
+from memoryd.wire.tensors import FROM_PB, TO_PB, check_shape
 
 _VARINT, _LEN = 0, 2
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA, _TENSOR_OFFSET = 1, 2, 3, 4
@@ -52,7 +52,7 @@ def _tensor_parts(a: np.ndarray | Placed) -> list:
     """The parts of an encoded Tensor message; the data part is a view, not a copy."""
     if not isinstance(a, Placed):
         a = np.asarray(a, order="C")
-    parts: list = [_tag(_TENSOR_DTYPE, _VARINT), _varint(_TO_PB[a.dtype])]
+    parts: list = [_tag(_TENSOR_DTYPE, _VARINT), _varint(TO_PB[a.dtype])]
     if len(a.shape):
         shape = b"".join(_varint(s) for s in a.shape)
         parts += [_tag(_TENSOR_SHAPE, _LEN), _varint(len(shape)), shape]
@@ -134,9 +134,9 @@ def _tensor(buf: memoryview, what: str) -> np.ndarray | Placed:
             data = value
         elif number == _TENSOR_OFFSET and wire_type == _VARINT:
             offset = value
-    if dtype not in _FROM_PB:
+    if dtype not in FROM_PB:
         raise InvalidArgument(f"{what}: unknown or missing dtype {dtype}")
-    dt = _FROM_PB[dtype]
+    dt = FROM_PB[dtype]
     check_shape(tuple(shape), what)
     if offset is not None:
         if len(data):

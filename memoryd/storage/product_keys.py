@@ -11,7 +11,9 @@ the best k of those sums always lie among the best k of each half. So two
 flat searches over n sub-keys and a re-rank of the k x k candidate sums give
 the EXACT top-k over all n^2 keys. Ids are rows 0..K-1 of the value table.
 
-Spec: index "product-keys:<n>" with optional "|seed=<s>", e.g.
+The key set itself is memoryd.keyspace's (pure numpy, shared with the
+layer, which rebuilds key vectors from ids). Spec: index "product-keys:<n>"
+with optional "|seed=<s>", e.g.
 "product-keys:1024" for 1,048,576 keys. The keys are fixed at creation, so
 `add` and `remove` are refused; values start at zero and are set with
 `update_values` (e.g. pushed from a trainer's value table).
@@ -21,59 +23,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 from typing import Iterator
 
-from memoryd.faiss_index import faiss  # the one import, with its install hint
 import numpy as np
 
-from memoryd.api import BankSpec, ExportChunk
+from memoryd.api import BankSpec, ExportChunk, SearchResult
 from memoryd.arrays import value_dtype
-from memoryd.bank import RWLock
 from memoryd.errors import FailedPrecondition, InvalidArgument
-from memoryd.store import atomic_write_json, folder_bytes
-
-PREFIX = "product-keys"
-_SPEC = re.compile(r"^product-keys:(\d+)(?:\|seed=(\d+))?$")
-MAX_SUBKEYS = 1 << 16
-
-
-def is_product_keys(index: str) -> bool:
-    return index.strip().startswith(PREFIX)
+from memoryd.keyspace import key_vectors, parse_product_keys, subkeys
+from memoryd.storage.faiss_index import faiss
+from memoryd.storage.interface import AddPlan, BankStore
+from memoryd.storage.rows import atomic_write_json, folder_bytes
 
 
-def parse(index: str) -> tuple[int, int]:
-    """(n sub-keys per half, seed) of a product-keys spec."""
-    m = _SPEC.match(index.replace(" ", ""))
-    if not m:
-        raise InvalidArgument(
-            f"bad product-keys spec {index!r}: use 'product-keys:<n>[|seed=<s>]', e.g. "
-            "'product-keys:1024' for 1024^2 = 1,048,576 keys")
-    n, seed = int(m.group(1)), int(m.group(2) or 0)
-    if not 2 <= n <= MAX_SUBKEYS:
-        raise InvalidArgument(f"product keys need 2..{MAX_SUBKEYS} sub-keys per half; got {n}")
-    return n, seed
-
-
-def subkeys(n: int, dim: int, seed: int) -> np.ndarray:
-    """(2, n, dim/2) seeded random unit sub-keys: the whole key set."""
-    rng = np.random.default_rng(seed)
-    c = rng.standard_normal((2, n, dim // 2), dtype=np.float32)
-    return c / np.linalg.norm(c, axis=2, keepdims=True)
-
-
-def key_vectors(sub: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """(..., dim) keys of valid ids of the bank whose sub-key tables are sub (2, n, dim/2)."""
-    n = sub.shape[1]
-    return np.concatenate([sub[0][ids // n], sub[1][ids % n]], axis=-1) / np.float32(math.sqrt(2.0))
-
-
-class ProductKeyBank:
+class ProductKeyBank(BankStore):
     """A bank whose keys are the product of two sub-key tables (see module doc).
 
-    Offers the methods memoryd.local uses on a Bank; writes other than
-    update_values raise FailedPrecondition.
+    A bank interface of its own (memoryd.storage.interface): writes other
+    than update_values raise FailedPrecondition; it is one searcher itself.
     """
 
     def __init__(self, path: Path, spec: BankSpec):
@@ -81,10 +49,8 @@ class ProductKeyBank:
             raise InvalidArgument(f"product keys split the key in halves: dim must be even; got {spec.dim}")
         if spec.shards != 1:
             raise InvalidArgument("a product-key bank is searched exactly in one piece: use shards=1")
-        self.path, self.spec = Path(path), spec
-        self.n, self.seed = parse(spec.index)
-        self.lock = RWLock()
-        self.frozen = False       # mirrors the catalog, set by memoryd.local
+        super().__init__(path, spec)
+        self.n, self.seed = parse_product_keys(spec.index)
         self.sub = subkeys(self.n, spec.dim, self.seed)                      # (2, n, dim/2)
         self.halves = [faiss.IndexFlatIP(spec.dim // 2) for _ in range(2)]
         for flat, c in zip(self.halves, self.sub):
@@ -121,9 +87,11 @@ class ProductKeyBank:
     def count(self) -> int:
         return self.n * self.n
 
-    trained = True
+    @property
+    def trained(self) -> bool:
+        return True
 
-    def nbytes(self, rows=None, template=None) -> int:
+    def nbytes(self) -> int:
         """Sub-keys (table and flat index) plus the value table."""
         vals = 0 if self.values is None else self.values.nbytes
         return 2 * self.sub.nbytes + vals
@@ -134,11 +102,20 @@ class ProductKeyBank:
             f"bank '{self.spec.name}' has product keys, fixed at creation: it cannot {op}; "
             "set its values with update_values")
 
-    def new_ids(self, n, ids):
+    def plan_add(self, keys, values, ids) -> AddPlan:
         raise self._fixed("add keys")
 
-    def remove(self, ids):
+    def add_cost(self, plan: AddPlan) -> int:
+        raise self._fixed("add keys")
+
+    def add(self, plan: AddPlan) -> None:
+        raise self._fixed("add keys")
+
+    def remove(self, ids: np.ndarray) -> int:
         raise self._fixed("remove keys")
+
+    def evict_oldest(self, nbytes: int, row_bytes: int | None = None) -> int:
+        raise self._fixed("evict its oldest keys (fifo)")
 
     def update_values(self, ids: np.ndarray, values: np.ndarray) -> int:
         found = (ids >= 0) & (ids < self.count)
@@ -167,7 +144,17 @@ class ProductKeyBank:
         return "sha256:" + h.hexdigest()
 
     # ---- reads ---------------------------------------------------------------------
-    def search_shard(self, i: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def searchers(self) -> list["ProductKeyBank"]:
+        return [self]
+
+    def search(self, queries: np.ndarray, k: int, *, values: bool, keys: bool) -> SearchResult:
+        """The exact top-k with its payload (api.ShardSearch)."""
+        D, I = self.top_k(queries, k)                                              # (nq, k)
+        _, kk, vv = self.gather(I, keys=keys, values=values and self.values is not None)
+        return SearchResult(ids=I, scores=D, bank=np.where(I >= 0, 0, -1).astype(np.int32),
+                            values=vv, keys=kk)
+
+    def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over all n^2 keys: best k per half, then the k x k re-rank."""
         nq, h = len(queries), self.spec.dim // 2
         kk = min(k, self.n)
@@ -196,7 +183,8 @@ class ProductKeyBank:
         """(n, dim) key vectors of valid ids."""
         return key_vectors(self.sub, ids)
 
-    def gather(self, ids: np.ndarray, *, keys: bool, values: bool, out_values_dtype=None):
+    def gather(self, ids: np.ndarray, *, keys: bool, values: bool
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         flat = ids.reshape(-1)
         found = (flat >= 0) & (flat < self.count)
         k_out = v_out = None
@@ -204,7 +192,7 @@ class ProductKeyBank:
             k_out = np.zeros((len(flat), self.spec.dim), np.float32)
             k_out[found] = self.keys_of(flat[found])
         if values:
-            v_out = np.zeros((len(flat), self.spec.value_dim), out_values_dtype or self.values.dtype)
+            v_out = np.zeros((len(flat), self.spec.value_dim), self.values.dtype)
             v_out[found] = self.values[flat[found]]
         shape = ids.shape
         return (found.reshape(shape),

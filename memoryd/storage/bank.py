@@ -1,5 +1,5 @@
-"""A memory bank: N shards, each a FAISS index over explicit 64-bit ids plus
-the rows (ids, keys, values) that the index was built from.
+"""A memory bank: N shards (memoryd.storage.shard), each a FAISS index over
+explicit 64-bit ids plus the rows (ids, keys, values) it was built from.
 
 Ids are routed to shard `id % shards`, so any id finds its shard without a
 lookup table. Ids are assigned by the bank (monotonic, never reused, even
@@ -7,165 +7,36 @@ after removals) unless the caller brings its own. Keys are kept beside the
 index so that search can return exact key vectors (for gradients), export
 can dump the bank, and the index can always be rebuilt.
 
-Concurrency: one writer-preferring readers/writer lock per bank. Searches
-share it; writes take it alone. Callers (memoryd.local) hold it around a
-whole request, including the quota reservation.
+Concurrency: the bank's readers/writer lock (memoryd.storage.interface),
+held by the engine around whole requests.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from memoryd.faiss_index import faiss  # the one import, with its install hint
 import numpy as np
 
-from memoryd import faiss_index as fx
-from memoryd import faults, tiers
+from memoryd import faults
 from memoryd.api import BankSpec, ExportChunk
 from memoryd.arrays import value_dtype
 from memoryd.errors import InvalidArgument
-from memoryd.store import ShardStore, atomic_write_json, folder_bytes
+from memoryd.storage import faiss_index as fx
+from memoryd.storage.faiss_index import faiss
+from memoryd.storage.interface import AddPlan, BankStore
+from memoryd.storage.rows import ShardStore, atomic_write_json, folder_bytes
+from memoryd.storage.shard import Shard, write_index
 
 META = "bank.json"
 TEMPLATE = "trained.faiss"
 INTENT = "intent.json"   # an add in progress across shards: rolled back on open
 
 
-class RWLock:
-    """Many readers or one writer; a waiting writer holds back new readers."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._readers = 0
-        self._writer = False
-        self._waiting_writers = 0
-
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._waiting_writers:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
-
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._waiting_writers += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._waiting_writers -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-class Shard:
-    """One shard: its rows (memoryd.store) and its index on the bank's tier."""
-
-    def __init__(self, path: Path, spec: BankSpec, template: "faiss.Index"):
-        self.spec, self.template = spec, template
-        self.store = ShardStore(path, spec.dim, spec.value_dim, value_dtype(spec.value_dtype))
-        self.index = self._placed(fx.empty_like(template), None)
-
-    def _placed(self, index: "faiss.Index", snapshot: Path | None):
-        return tiers.place(self.spec.tier, index, snapshot, self.spec.index, self.spec.metric)
-
-    def create(self) -> None:
-        self.store.create()
-
-    def load(self) -> None:
-        """Rows from disk, index from its snapshot plus a replay of newer rows."""
-        store = self.store
-        store.load(mapped=self.spec.tier == "mmap")
-        snap, covered = store.index_file(), store.state["index_rows"]
-        if not (snap.exists() and covered <= store.rows):  # none, or ahead of a rolled-back add
-            snap, covered = None, 0
-        if snap is not None and self.spec.tier == "mmap":
-            self.index = self._placed(fx.empty_like(self.template), snap)
-        else:
-            cpu = (fx.configure(faiss.read_index(str(snap)), self.spec.index) if snap is not None
-                   else fx.empty_like(self.template))
-            self.index = self._placed(cpu, None)
-        if covered < store.rows:
-            self.index.add_with_ids(store.keys.data[covered:], store.ids.data[covered:])
-
-    def add(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None) -> None:
-        self.store.append(ids, keys, values)     # acknowledged on disk first
-        self.index.add_with_ids(keys, ids)
-
-    def remove(self, ids: np.ndarray) -> int:
-        _, found = self.store.lookup(ids)
-        gone = ids[found]
-        if not len(gone):
-            return 0
-        keep = ~np.isin(self.store.ids.data, gone)
-        if self.spec.tier == "ram" and fx.supports_remove(self.index):
-            self.index.remove_ids(gone)
-            self.store.rewrite(keep, lambda p: _write_index(self.index, p))
-            return int(len(gone))
-        # HNSW cannot delete, a mapped snapshot is read-only, a GPU index is a
-        # copy: rebuild this shard's index in RAM from what stays
-        rebuilt = fx.empty_like(self.template)
-        rebuilt.add_with_ids(self.store.keys.data[keep], self.store.ids.data[keep])
-        self.store.rewrite(keep, lambda p: _write_index(rebuilt, p))
-        self.index = (self._placed(fx.empty_like(self.template), self.store.index_file())
-                      if self.spec.tier == "mmap" else self._placed(rebuilt, None))
-        return int(len(gone))
-
-    def cpu_index(self) -> "faiss.Index":
-        """The whole index as an in-RAM FAISS index (to write a snapshot)."""
-        if isinstance(self.index, tiers.GpuIndex):
-            return self.index.cpu()
-        if not isinstance(self.index, tiers.MappedIndex):
-            return self.index
-        covered = self.store.state["index_rows"] if self.index.base is not None else 0
-        full = (fx.configure(faiss.read_index(str(self.store.index_file())), self.spec.index)
-                if covered else fx.empty_like(self.template))
-        full.add_with_ids(self.store.keys.data[covered:], self.store.ids.data[covered:])
-        return full
-
-    def checkpoint(self) -> None:
-        """Snapshot the index so the next open need not replay rows."""
-        snap = self.store.index_file()
-        if self.store.state["index_rows"] != self.store.rows or not snap.exists():
-            _write_index(self.cpu_index(), snap)
-            self.store.save_state(index_rows=self.store.rows)
-            if self.spec.tier == "mmap":  # fold the RAM part into the mapped snapshot
-                self.index = self._placed(fx.empty_like(self.template), snap)
-
-    def set_tier(self, spec: BankSpec) -> None:
-        """Snapshot, then reopen rows and index on spec.tier."""
-        self.checkpoint()
-        self.spec = spec
-        self.load()
-
-
-def _write_index(index: "faiss.Index", path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(path)
-
-
-class Bank:
+class Bank(BankStore):
     def __init__(self, path: Path, spec: BankSpec):
-        self.path, self.spec = Path(path), spec
-        self.lock = RWLock()
-        self.frozen = False       # mirrors the catalog, set by memoryd.local
+        super().__init__(path, spec)
         self.next_id = 0
         self.template = fx.build(spec.dim, spec.index, spec.metric)
         self.shards: list[Shard] = []
@@ -241,26 +112,39 @@ class Bank:
     def trained(self) -> bool:
         return bool(self.template.is_trained)
 
-    def row_bytes(self, template: "faiss.Index | None" = None) -> int:
+    def _row_bytes(self, template: "faiss.Index | None" = None) -> int:
         """Bytes one row costs: its id, key and value, and its index entry."""
         t = template or self.template
         vbytes = self.spec.value_dim * value_dtype(self.spec.value_dtype).itemsize
         return 8 + 4 * self.spec.dim + vbytes + fx.bytes_per_vector(t, self.spec.dim)
 
-    def nbytes(self, rows: int | None = None, template: "faiss.Index | None" = None) -> int:
-        """What the bank holds (or would hold with `rows` rows and `template`).
+    def nbytes(self) -> int:
+        """What the bank holds.
 
         An empty bank counts as 0: the few header bytes of an empty index are
         not charged, so creating a bank or opening a session never needs
         quota; the index's fixed bytes (e.g. trained centroids) are charged
         with its first rows.
         """
-        t = template or self.template
-        rows = self.count if rows is None else rows
-        return self.spec.shards * fx.fixed_bytes(t) + rows * self.row_bytes(t) if rows else 0
+        return self._nbytes(self.count, self.template)
+
+    def _nbytes(self, rows: int, template: "faiss.Index") -> int:
+        """What the bank would hold with `rows` rows and index `template`."""
+        return self.spec.shards * fx.fixed_bytes(template) + rows * self._row_bytes(template) \
+            if rows else 0
 
     # ---- writes (caller holds lock.write()) ---------------------------------------
-    def trained_template(self, keys: np.ndarray) -> "faiss.Index":
+    def plan_add(self, keys: np.ndarray, values: np.ndarray | None,
+                 ids: np.ndarray | None) -> AddPlan:
+        ids = self._new_ids(len(keys), ids)
+        template = self._trained_template(keys)
+        return AddPlan(ids=ids, keys=keys, values=values, row_bytes=self._row_bytes(template),
+                       detail=template)
+
+    def add_cost(self, plan: AddPlan) -> int:
+        return self._nbytes(self.count + len(plan.ids), plan.detail) - self.nbytes()
+
+    def _trained_template(self, keys: np.ndarray) -> "faiss.Index":
         """The template after training on keys if it needs training (not installed)."""
         if self.template.is_trained:
             return self.template
@@ -268,7 +152,7 @@ class Bank:
         fx.train(t, keys, self.spec.index)
         return t
 
-    def new_ids(self, n: int, ids: np.ndarray | None) -> np.ndarray:
+    def _new_ids(self, n: int, ids: np.ndarray | None) -> np.ndarray:
         if ids is None:
             return np.arange(self.next_id, self.next_id + n, dtype=np.int64)
         if len(ids) != n:
@@ -284,10 +168,10 @@ class Bank:
                 f"e.g. {int(ids[present][0])}")
         return ids
 
-    def add(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None,
-            template: "faiss.Index") -> None:
+    def add(self, plan: AddPlan) -> None:
+        ids, keys, values, template = plan.ids, plan.keys, plan.values, plan.detail
         if template is not self.template:  # first add trained the index
-            _write_index(template, self.path / TEMPLATE)
+            write_index(template, self.path / TEMPLATE)
             self.template = template
             for s in self.shards:
                 s.template = template
@@ -342,6 +226,11 @@ class Bank:
         route = ids % self.spec.shards
         return sum(s.remove(ids[route == i]) for i, s in enumerate(self.shards))
 
+    def evict_oldest(self, nbytes: int, row_bytes: int | None = None) -> int:
+        rows = min(self.count, -(-nbytes // (row_bytes or self._row_bytes())))
+        oldest = np.sort(np.concatenate([s.store.ids.data for s in self.shards]))[:rows]
+        return self.remove(oldest)
+
     def checksum(self) -> str:
         """sha256 over every shard's rows: what a frozen bank promises to hold."""
         h = hashlib.sha256()
@@ -352,12 +241,8 @@ class Bank:
         return "sha256:" + h.hexdigest()
 
     # ---- reads (caller holds lock.read()) -------------------------------------------
-    def search_shard(self, i: int, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        index = self.shards[i].index
-        if index.ntotal == 0:  # also spares an untrained IVF from FAISS's error
-            nq = len(queries)
-            return np.zeros((nq, k), np.float32), np.full((nq, k), -1, np.int64)
-        return index.search(queries, k)
+    def searchers(self) -> list[Shard]:
+        return self.shards
 
     def get_rows(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(shard, row, found) for each id."""
@@ -373,30 +258,23 @@ class Bank:
                 rows[sel], found[sel] = s.store.lookup(ids[sel])
         return shard_of, rows, found
 
-    def gather(self, ids: np.ndarray, *, keys: bool, values: bool, out_values_dtype=None):
-        """(found, keys, values) for any-shaped ids; missing (-1, unknown) -> zeros."""
+    def gather(self, ids: np.ndarray, *, keys: bool, values: bool
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if self.spec.shards == 1:
+            return self.shards[0].gather(ids, keys=keys, values=values)
         flat = ids.reshape(-1)
         shard_of, rows, found = self.get_rows(flat)
-        vdt = out_values_dtype or value_dtype(self.spec.value_dtype)
-        if self.spec.shards == 1 and self.shards[0].store.rows:  # hot path: one gather per column
-            store = self.shards[0].store
-            k_out = store.keys.data[rows] if keys else None
-            v_out = store.values.data[rows].astype(vdt, copy=False) if values else None
-            if not found.all():
-                for out in (k_out, v_out):
-                    if out is not None:
-                        out[~found] = 0
-        else:
-            k_out = np.zeros((len(flat), self.spec.dim), np.float32) if keys else None
-            v_out = np.zeros((len(flat), self.spec.value_dim), vdt) if values else None
-            for i, s in enumerate(self.shards):
-                sel = found & (shard_of == i)
-                if not sel.any():
-                    continue
-                if k_out is not None:
-                    k_out[sel] = s.store.keys.data[rows[sel]]
-                if v_out is not None:
-                    v_out[sel] = s.store.values.data[rows[sel]]
+        k_out = np.zeros((len(flat), self.spec.dim), np.float32) if keys else None
+        v_out = (np.zeros((len(flat), self.spec.value_dim), value_dtype(self.spec.value_dtype))
+                 if values else None)
+        for i, s in enumerate(self.shards):
+            sel = found & (shard_of == i)
+            if not sel.any():
+                continue
+            if k_out is not None:
+                k_out[sel] = s.store.keys.data[rows[sel]]
+            if v_out is not None:
+                v_out[sel] = s.store.values.data[rows[sel]]
         shape = ids.shape
         return (found.reshape(shape),
                 None if k_out is None else k_out.reshape(*shape, self.spec.dim),

@@ -48,7 +48,7 @@ def cli_errors(where: str = "") -> Iterator[None]:
     except errors.Unavailable as e:
         msg = str(e) if "memoryd" in str(e) else f"{where}unavailable: {e}"
         raise click.ClickException(one_line(msg)) from e
-    except errors.MemoryError as e:
+    except errors.MemorydError as e:
         if getattr(e, "code", "") == "UNIMPLEMENTED":   # an older daemon
             raise click.ClickException(one_line(
                 f"{where or 'memoryd '}does not offer this command (upgrade memoryd): {e}")) from e
@@ -210,7 +210,7 @@ def open_backend(target: tuple[str, str], catalog_url: str | None, timeout: floa
         if timeout is not None:  # also bounds the wait for the daemon to answer
             return MemoryClient(where, timeout=timeout, wait_ready=timeout)
         return MemoryClient(where)
-    from memoryd.local import LocalMemory
+    from memoryd.engine import LocalMemory
 
     return LocalMemory(where, catalog_url=catalog_url)
 

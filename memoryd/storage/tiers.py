@@ -5,14 +5,14 @@
            stay on disk and are paged in on demand; graph links and IVF lists
            are read into RAM), rows added since the snapshot go to a small RAM
            index beside it, and both are searched and merged. The row columns
-           (ids, keys, values) are memory-mapped too (memoryd.store). So a
+           (ids, keys, values) are memory-mapped too (memoryd.storage.rows). So a
            bank larger than RAM can be searched; merging the RAM part into the
            snapshot (at checkpoints) and removals rebuild the index in RAM.
     gpu    the index is cloned to GPU 0 (faiss-gpu and a CUDA device needed;
            a clear FailedPrecondition otherwise); rows stay in RAM.
 
-Every kind offers what memoryd.bank's Shard uses: search, add_with_ids and
-ntotal; the Shard writes snapshots from an in-RAM copy.
+Every kind offers what a Shard (memoryd.storage.shard) uses: search,
+add_with_ids and ntotal; the Shard writes snapshots from an in-RAM copy.
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from memoryd import faiss_index as fx
 from memoryd.errors import FailedPrecondition
-from memoryd.faiss_index import faiss
+from memoryd.storage import faiss_index as fx
+from memoryd.storage.faiss_index import faiss
 from memoryd.topk import merge_topk
 
 
@@ -57,10 +57,7 @@ class GpuIndex:
     _resources = None
 
     def __init__(self, cpu_index: "faiss.Index"):
-        if fx.num_gpus() == 0:
-            raise FailedPrecondition(
-                "tier gpu needs a CUDA device and faiss-gpu (pip install 'memoryd[gpu]'); "
-                "this host has none: use ram or mmap")
+        fx.require_gpu()
         if GpuIndex._resources is None:
             GpuIndex._resources = faiss.StandardGpuResources()
         try:

@@ -7,6 +7,8 @@ import sys
 import click
 
 from memoryd import __version__
+from memoryd.sizes import format_size
+from memoryd.wire.shm import DEFAULT_TOTAL_BYTES
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,7 +41,8 @@ def main() -> None:
 @click.option("--shm-dir", help="Folder for reply buffers, the shared memory through which "
                                 "clients on this host get search results (default /dev/shm; "
                                 "'off': none, every reply goes through the socket).")
-@click.option("--shm-bytes", help="Reply buffers' total size (default 1GiB; 0: none).")
+@click.option("--shm-bytes", help=f"Reply buffers' total size (default "
+                                  f"{format_size(DEFAULT_TOTAL_BYTES)}; 0: none).")
 def serve(config_file, **flags) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C.
 
@@ -57,8 +60,8 @@ def serve(config_file, **flags) -> None:
     # spins for a while and takes a core from the client's torch threads).
     # Read once, when libgomp loads: before the first faiss import below.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from memoryd import config as cfg
-    from memoryd.server import serve as run
+    from memoryd.daemon import config as cfg
+    from memoryd.daemon.server import serve as run
 
     try:
         conf = cfg.load(config_file, **flags)
@@ -74,22 +77,35 @@ def serve(config_file, **flags) -> None:
               help="Service to check ('' = the whole server, or memoryd.v1.Memory).")
 @click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds to wait for an answer.")
-def health(address: str, service: str, timeout: float) -> None:
+@click.option("--wait", "wait_s", default=0.0, type=click.FloatRange(min=0),
+              help="Keep asking for up to this many seconds until it is SERVING "
+                   "(e.g. right after starting it). [default: ask once]")
+def health(address: str, service: str, timeout: float, wait_s: float) -> None:
     """Exit 0 if the daemon reports SERVING, 1 otherwise (for HEALTHCHECK/probes).
 
     \b
     Example:
       memoryd health --address 127.0.0.1:7070
       memoryd health --address unix:///run/memoryd/memoryd.sock --service memoryd.v1.Memory
+      memoryd serve --data-dir ./mem & memoryd health --address unix:mem/memoryd.sock --wait 30
     """
+    import time
+
     import grpc
 
-    from memoryd.server import health_status
+    from memoryd.daemon.server import health_status
 
-    try:
-        status = health_status(address, service, timeout)
-    except grpc.RpcError as e:
-        click.echo(f"memoryd at {address}: {e.code().name}: {e.details()}", err=True)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status = health_status(address, service, timeout)
+        except grpc.RpcError as e:
+            status, error = None, f"{e.code().name}: {e.details()}"
+        if status == "SERVING" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if status is None:
+        click.echo(f"memoryd at {address}: {error}", err=True)
         sys.exit(1)
     click.echo(f"memoryd at {address}: {status}")
     sys.exit(0 if status == "SERVING" else 1)

@@ -13,7 +13,7 @@ A TOML file holds the same keys as Config, at top level:
     log_level = "info"
     grace_s = 20
     shm_dir = "/dev/shm"                 # reply buffers for same-host clients; "off" = none
-    shm_bytes = "1GiB"                   # all reply buffers together
+    shm_bytes = "1GiB"                   # all reply buffers together (the default)
 
 `listen` defaults to the unix socket `<data_dir>/memoryd.sock`; `catalog_url`
 defaults to None, which LocalMemory turns into `sqlite:///<data_dir>/catalog.db`.
@@ -25,6 +25,10 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
+
+from memoryd.sizes import parse_size
+from memoryd.wire import channel
+from memoryd.wire.shm import DEFAULT_TOTAL_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV = {"data_dir": "MEMORYD_DATA_DIR", "listen": "MEMORYD_LISTEN",
@@ -46,20 +50,12 @@ class Config:
     log_level: str = "info"
     grace_s: float = 20.0             # how long in-flight calls may finish on shutdown
     shm_dir: Path | None = None       # reply buffers' folder; None: /dev/shm if usable
-    shm_bytes: int = 1 << 30          # all reply buffers together; 0: buffers off
+    shm_bytes: int = DEFAULT_TOTAL_BYTES   # all reply buffers together; 0: buffers off
 
     @property
     def socket_path(self) -> Path | None:
-        return socket_path(self.listen)
-
-
-def socket_path(listen: str) -> Path | None:
-    """The file of a unix socket address, None for TCP (and abstract sockets)."""
-    if listen.startswith("unix://"):
-        return Path(listen[len("unix://"):])
-    if listen.startswith("unix:"):
-        return Path(listen[len("unix:"):])
-    return None
+        path = channel.socket_path(self.listen)
+        return None if path is None else Path(path)
 
 
 def load(config_file: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -102,7 +98,7 @@ def _typed(raw: dict[str, Any]) -> Config:
                           "or set data_dir in the config file")
     data_dir = Path(str(raw["data_dir"])).expanduser().resolve()
     listen = str(raw.get("listen") or f"unix://{data_dir / SOCKET_NAME}")
-    path = socket_path(listen)
+    path = channel.socket_path(listen)
     if path is not None and len(os.fsencode(str(path))) > UNIX_PATH_MAX:
         raise ConfigError(f"unix socket path {path} is {len(os.fsencode(str(path)))} bytes; "
                           f"the limit is {UNIX_PATH_MAX}: use a shorter --listen path")
@@ -113,9 +109,8 @@ def _typed(raw: dict[str, Any]) -> Config:
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}; got {log_level!r}")
     shm_dir = raw.get("shm_dir")
-    shm_bytes = raw.get("shm_bytes", 1 << 30)
+    shm_bytes = raw.get("shm_bytes", DEFAULT_TOTAL_BYTES)
     if isinstance(shm_bytes, str):
-        from memoryd.sizes import parse_size
         try:
             shm_bytes = parse_size(shm_bytes)
         except ValueError as e:
@@ -127,7 +122,7 @@ def _typed(raw: dict[str, Any]) -> Config:
         max_workers=_number(raw, "max_workers", 16, int, 1),
         log_level=log_level, grace_s=_number(raw, "grace_s", 20.0, float, 0),
         shm_dir=Path(str(shm_dir)).expanduser() if shm_dir else None,
-        shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", 1 << 30, int, 0))
+        shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", DEFAULT_TOTAL_BYTES, int, 0))
 
 
 def _number(raw: dict[str, Any], key: str, default, kind: type, minimum):

@@ -52,7 +52,8 @@ from typing import Callable
 import numpy as np
 
 from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, UnknownReplyBuffer
-from memoryd.wire import check_shape
+from memoryd.v1 import memory_pb2 as pb
+from memoryd.wire.tensors import check_shape
 
 log = logging.getLogger("memoryd.shm")
 
@@ -258,6 +259,12 @@ class ReplyBuffers:
         for b in bufs:
             with b.lock:
                 b.close()
+
+
+def to_pb(buf: ReplyBufferFile, idle_s: float) -> pb.ReplyBuffer:
+    """What OpenReplyBuffer answers: where the client maps the buffer."""
+    return pb.ReplyBuffer(handle=buf.handle, path=str(buf.path), size_bytes=buf.size,
+                          data_offset=HEADER, idle_timeout_s=idle_s)
 
 
 def own_folder(parent: Path) -> Path | None:

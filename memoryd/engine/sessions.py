@@ -9,6 +9,11 @@ NOT_FOUND); the reaper then deletes it and its bytes return to the quota.
 
 Per-memory scores (e.g. how much attention a memory drew) may ride along
 with appends; `promote` can select by them.
+
+Layering: sessions are built on the bank engine (memoryd.engine.banks) and
+the catalog's session table; the engine knows nothing of them. LocalMemory
+asks `use`/`visible` once per request for the banks it names, so an expired
+session's bank answers NOT_FOUND and a used one's idle clock restarts.
 """
 from __future__ import annotations
 
@@ -16,18 +21,17 @@ import re
 import threading
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
 from memoryd import api, faults
-from memoryd.api import PromoteResult, SessionInfo, SessionSpec
+from memoryd.api import BankQuery, PromoteResult, SessionInfo, SessionSpec
 from memoryd.arrays import id_vector, to_numpy
+from memoryd.catalog import Catalog
+from memoryd.engine.banks import BankEngine
 from memoryd.errors import FailedPrecondition, InvalidArgument, NotFound
-from memoryd.faiss_index import faiss
-
-if TYPE_CHECKING:
-    from memoryd.local import LocalMemory
+from memoryd.storage.faiss_index import faiss
 
 SESSION_ID = re.compile(r"^s-[0-9a-f]{16}$")
 SCORES = "scores.bin"   # (id int64, score float32) records beside the session's bank
@@ -35,8 +39,8 @@ _SCORE_REC = np.dtype([("id", "<i8"), ("score", "<f4")])
 
 
 class SessionManager:
-    def __init__(self, mem: "LocalMemory", clock: Callable[[], float]):
-        self.mem, self.clock = mem, clock
+    def __init__(self, engine: BankEngine, catalog: Catalog, clock: Callable[[], float]):
+        self.engine, self.catalog, self.clock = engine, catalog, clock
         self._lock = threading.Lock()
         self._rows: dict[str, dict] = {}       # session id -> catalog row (cached)
         self._scores: dict[str, list[np.ndarray]] = {}
@@ -48,15 +52,15 @@ class SessionManager:
         Only banks named like session ids count: a session-kind bank made
         with create_bank is the caller's own and is left alone.
         """
-        banks = {b.name for b in self.mem.catalog.list_banks()
+        banks = {b.name for b in self.catalog.list_banks()
                  if b.spec.kind == "session" and SESSION_ID.match(b.name)}
-        for row in self.mem.catalog.all_sessions():
+        for row in self.catalog.all_sessions():
             if row["id"] in banks:
                 self._rows[row["id"]] = row
             else:
-                self.mem.catalog.drop_session(row["id"])
+                self.catalog.drop_session(row["id"])
         for orphan in banks - set(self._rows):
-            self.mem.delete_bank(orphan)
+            self.engine.delete_bank(orphan)
         for sid in self._rows:
             path = self._scores_path(sid)
             if path.exists():
@@ -67,12 +71,12 @@ class SessionManager:
     def open(self, spec: SessionSpec) -> SessionInfo:
         spec.validated()
         sid = f"s-{uuid.uuid4().hex[:16]}"
-        self.mem.create_bank(spec.bank_spec(sid))
+        self.engine.create_bank(spec.bank_spec(sid))
         now = self.clock()
-        self.mem.catalog.add_session(sid, spec.tenant, api.check_ttl(spec.ttl_idle_s, "ttl_idle_s"),
+        self.catalog.add_session(sid, spec.tenant, api.check_ttl(spec.ttl_idle_s, "ttl_idle_s"),
                                      api.check_ttl(spec.ttl_absolute_s, "ttl_absolute_s"), now)
         with self._lock:
-            self._rows[sid] = self.mem.catalog.session(sid)
+            self._rows[sid] = self.catalog.session(sid)
         return self.info(sid)
 
     def close(self, sid: str) -> int:
@@ -83,9 +87,9 @@ class SessionManager:
         with self._lock:
             self._rows.pop(sid, None)
             self._scores.pop(sid, None)
-        self.mem.catalog.drop_session(sid)   # first: a crash now leaves an orphan bank, reaped on open
+        self.catalog.drop_session(sid)   # first: a crash now leaves an orphan bank, reaped on open
         try:
-            return self.mem.delete_bank(sid)
+            return self.engine.delete_bank(sid)
         except NotFound:
             return 0
 
@@ -99,7 +103,7 @@ class SessionManager:
             fields["ttl_idle_s"] = api.check_ttl(ttl_idle_s, "ttl_idle_s")
         if ttl_absolute_s is not None:
             fields["ttl_absolute_s"] = now - row["created_at"] + api.check_ttl(ttl_absolute_s, "ttl_absolute_s")
-        self.mem.catalog.update_session(sid, **fields)
+        self.catalog.update_session(sid, **fields)
         with self._lock:
             self._rows[sid] = {**row, **fields}
         return self.info(sid)
@@ -116,17 +120,30 @@ class SessionManager:
 
     def expired(self, sid: str) -> bool:
         row = self._rows.get(sid)
-        end = None if row is None else self.deadline(row)
-        return end is not None and self.clock() >= end
+        return row is not None and self._deadline_passed(row, self.clock())
 
-    def touch(self, names: list[str]) -> None:
-        """A search or append used these sessions: restart their idle clocks."""
+    def _deadline_passed(self, row: dict, now: float) -> bool:
+        end = self.deadline(row)
+        return end is not None and now >= end
+
+    def visible(self, names: Iterable[str]) -> None:
+        """NotFound for the first of names that is an expired session's bank."""
+        for name in names:
+            if self.expired(name):
+                raise NotFound(f"no bank named '{name}' (its session expired)")
+
+    def use(self, names: Iterable[str]) -> None:
+        """A request (search, add, append) uses these banks: NotFound for an
+        expired session among them, else the sessions' idle clocks restart."""
         now = self.clock()
         with self._lock:
             for name in names:
                 row = self._rows.get(name)
-                if row is not None and not self.expired(name):
-                    row["last_used_at"] = now     # persisted by reap() and on append
+                if row is None:
+                    continue                      # not a session's bank
+                if self._deadline_passed(row, now):
+                    raise NotFound(f"no bank named '{name}' (its session expired)")
+                row["last_used_at"] = now         # persisted by flush()
 
     def reap(self) -> int:
         """Delete expired sessions (their bytes return to the quotas); persist idle clocks."""
@@ -141,7 +158,7 @@ class SessionManager:
     def flush(self) -> None:
         """Persist the idle clocks that searches moved (they live in memory between passes)."""
         for sid, row in list(self._rows.items()):
-            self.mem.catalog.update_session(sid, last_used_at=row["last_used_at"])
+            self.catalog.update_session(sid, last_used_at=row["last_used_at"])
 
     # ---- reads of the session table ---------------------------------------------------
     def _row(self, sid: str, alive: bool = True) -> dict:
@@ -156,7 +173,7 @@ class SessionManager:
             session_id=sid, tenant=row["tenant"], created_at=row["created_at"],
             last_used_at=row["last_used_at"], expires_at=self.deadline(row),
             ttl_idle_s=row["ttl_idle_s"], ttl_absolute_s=row["ttl_absolute_s"],
-            bank=self.mem.bank_info(sid))
+            bank=self.engine.bank_info(sid))
 
     def list(self, tenant: str | None = None) -> list[SessionInfo]:
         out = []
@@ -171,7 +188,7 @@ class SessionManager:
 
     # ---- writes ----------------------------------------------------------------------
     def append(self, sid: str, keys: Any, values: Any, scores: Any) -> np.ndarray:
-        self._row(sid)
+        self._row(sid)                   # NotFound names the session, not its bank
         n = len(to_numpy(keys))
         sc = None
         if scores is not None:
@@ -180,8 +197,8 @@ class SessionManager:
                 raise InvalidArgument(f"got {n} keys but {len(sc)} scores")
             if not np.isfinite(sc).all():
                 raise InvalidArgument("scores contain NaN or Inf")
-        ids = self.mem.add(sid, keys, values)
-        self.touch([sid])  # persisted by flush() (each reaper pass, and close)
+        self.use([sid])
+        ids = self.engine.add(sid, keys, values)
         if sc is not None:
             recs = np.empty(n, _SCORE_REC)
             recs["id"], recs["score"] = ids, sc
@@ -191,7 +208,7 @@ class SessionManager:
         return ids
 
     def _scores_path(self, sid: str) -> Path:
-        return self.mem.bank_path(sid) / SCORES
+        return self.engine.store(sid).path / SCORES
 
     def scores_of(self, sid: str, ids: np.ndarray) -> np.ndarray:
         """Scores of ids (NaN where an append gave none)."""
@@ -217,7 +234,7 @@ class SessionManager:
         two leaves them in both places: never in neither.
         """
         self._row(sid)
-        src, dst = self.mem.bank_info(sid).spec, self.mem.bank_info(target).spec
+        src, dst = self.engine.bank_info(sid).spec, self.engine.bank_info(target).spec
         if dst.kind != "domain":
             raise FailedPrecondition(f"sessions promote into domain banks; '{target}' is a {dst.kind} bank")
         if (src.dim, src.value_dim, src.metric) != (dst.dim, dst.value_dim, dst.metric):
@@ -226,7 +243,7 @@ class SessionManager:
                 f"fit bank '{target}' ({dst.dim}-d, {dst.value_dim}-d, {dst.metric})")
         if dedup is not None and not 0 < dedup <= 1:
             raise InvalidArgument(f"dedup is a cosine similarity in (0, 1]; got {dedup}")
-        chunks = list(self.mem.export(sid))
+        chunks = list(self.engine.export(sid))
         all_ids = np.concatenate([c.ids for c in chunks]) if chunks else np.empty(0, np.int64)
         keep = np.ones(len(all_ids), bool)
         if ids is not None:
@@ -243,21 +260,21 @@ class SessionManager:
                 if chunks and src.value_dim else None)
         duplicates = 0
         if dedup is not None and len(sel_ids):
-            unique = _dedup_mask(keys, dedup, self.mem, target)
+            unique = _dedup_mask(keys, dedup, self.engine, target)
             duplicates = int((~unique).sum())
             sel_ids, keys = sel_ids[unique], keys[unique]
             vals = vals[unique] if vals is not None else None
         faults.point("promote:selected")
-        target_ids = (self.mem.add(target, keys, vals) if len(sel_ids)
+        target_ids = (self.engine.add(target, keys, vals) if len(sel_ids)
                       else np.empty(0, np.int64))
         faults.point("promote:added")
         if move and len(sel_ids):
-            self.mem.remove(sid, sel_ids)
+            self.engine.remove(sid, sel_ids)
         return PromoteResult(promoted=len(target_ids), duplicates=duplicates,
                              target_ids=target_ids, source_ids=sel_ids, moved=bool(move))
 
 
-def _dedup_mask(keys: np.ndarray, threshold: float, mem: "LocalMemory", target: str,
+def _dedup_mask(keys: np.ndarray, threshold: float, engine: BankEngine, target: str,
                 block: int = 1024) -> np.ndarray:
     """True for keys to keep: no kept key before it, nor any key already in
     the target bank, has cosine similarity >= threshold with it. Greedy in
@@ -265,8 +282,8 @@ def _dedup_mask(keys: np.ndarray, threshold: float, mem: "LocalMemory", target: 
     unit = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
     unit = np.ascontiguousarray(unit, dtype=np.float32)
     keep = np.ones(len(keys), bool)
-    if mem.bank_info(target).count:
-        near = mem.search(target, keys, 1, values=False, keys=True, client=None).keys[:, 0]  # (n, d)
+    if engine.bank_info(target).count:
+        near = engine.search([BankQuery(target)], keys, 1, values=False, keys=True).keys[:, 0]  # (n, d)
         near = near / np.maximum(np.linalg.norm(near, axis=1, keepdims=True), 1e-12)
         keep &= (unit * near).sum(1) < threshold
     kept = faiss.IndexFlatIP(unit.shape[1])                   # keys kept in earlier blocks

@@ -1,98 +1,25 @@
-"""Proto <-> Python for the wire: tensors as raw little-endian bytes + dtype
-+ shape, and the bank messages. Used by the service and by MemoryClient.
+"""The message codec: memoryd.api value types <-> memoryd.v1 messages, both ends.
 
-Message size: both ends allow MAX_MESSAGE_BYTES per message, deliberately
-above gRPC's 4 MiB default, and big payloads are split into chunks of about
-CHUNK_BYTES (Python gRPC moves ~1 GB/s in 1-16 MB messages but much less in
-one 64 MB message).
+Enums that the proto carries as enums (kind, metric, value dtype) map both
+ways; an unset enum takes the interface default, an unknown one becomes a
+name the backend refuses (e.g. "metric#7"). Quotas are int64 with -1 for
+unlimited. Tensors go through memoryd.wire.tensors.
 """
 from __future__ import annotations
-
-import math
-from typing import Iterator
 
 import numpy as np
 
 from memoryd import api
-from memoryd.arrays import BFLOAT16
 from memoryd.errors import InvalidArgument
 from memoryd.v1 import memory_pb2 as pb
+from memoryd.wire.tensors import decode, encode
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-CHUNK_BYTES = 4 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
-# call metadata: who is calling ("<host>:<pid>" by default; Stats.stacks shows it)
-CLIENT_METADATA = "x-memoryd-client"
-
-_TO_PB = {
-    np.dtype(np.float32): pb.FLOAT32,
-    np.dtype(np.float16): pb.FLOAT16,
-    BFLOAT16: pb.BFLOAT16,
-    np.dtype(np.int64): pb.INT64,
-    np.dtype(np.int32): pb.INT32,
-}
-_FROM_PB = {v: k for k, v in _TO_PB.items()}
 _DTYPE_NAME_TO_PB = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
 _PB_TO_DTYPE_NAME = {v: k for k, v in _DTYPE_NAME_TO_PB.items()}
 _KIND = {"base": pb.BASE, "domain": pb.DOMAIN, "session": pb.SESSION}
 _KIND_BACK = {v: k for k, v in _KIND.items()}
 _METRIC = {"l2": pb.L2, "ip": pb.IP}
 _METRIC_BACK = {v: k for k, v in _METRIC.items()}
-
-
-def encode(a: np.ndarray) -> pb.Tensor:
-    """numpy -> Tensor (little-endian, C order)."""
-    dt = a.dtype.newbyteorder("=") if a.dtype.byteorder not in "=|" else a.dtype
-    if dt not in _TO_PB:
-        raise InvalidArgument(f"cannot send dtype {a.dtype} over the wire")
-    a = np.asarray(a, dtype=dt, order="C")  # (ascontiguousarray would make 0-d 1-d)
-    return pb.Tensor(dtype=_TO_PB[dt], shape=a.shape, data=a.tobytes())
-
-
-MAX_DIM = 1 << 40             # no tensor dimension (nor product of the non-zero ones) is larger
-MAX_NDIM = 16
-
-
-def check_shape(shape: tuple[int, ...], what: str) -> None:
-    """InvalidArgument for a shape no reply or request can have (numpy would fail later,
-    e.g. on (0, 2**62), as an internal error)."""
-    if any(s < 0 for s in shape):
-        raise InvalidArgument(f"{what}: negative dimension in shape {shape}")
-    if len(shape) > MAX_NDIM or math.prod(s for s in shape if s) > MAX_DIM:
-        raise InvalidArgument(f"{what}: shape {shape} is too large")
-
-
-def decode(t: pb.Tensor, what: str = "tensor") -> np.ndarray:
-    """Tensor -> numpy (read-only view of the message bytes), validated."""
-    if t.dtype not in _FROM_PB:
-        raise InvalidArgument(f"{what}: unknown or missing dtype {t.dtype}")
-    dt = _FROM_PB[t.dtype]
-    shape = tuple(t.shape)
-    check_shape(shape, what)
-    expected = math.prod(shape) * dt.itemsize
-    if len(t.data) != expected:
-        raise InvalidArgument(
-            f"{what}: {len(t.data)} bytes do not match shape {shape} of {dt.name} "
-            f"({expected} bytes)")
-    return np.frombuffer(t.data, dtype=dt.newbyteorder("<")).astype(dt, copy=False).reshape(shape)
-
-
-def maybe_decode(msg, field: str, what: str | None = None) -> np.ndarray | None:
-    return decode(getattr(msg, field), what or field) if msg.HasField(field) else None
-
-
-def rows_per_chunk(row_bytes: int, total_rows: int) -> int:
-    """Rows per message so that a message carries about CHUNK_BYTES."""
-    return max(1, min(total_rows, CHUNK_BYTES // max(1, row_bytes)))
-
-
-def chunk_slices(n: int, row_bytes: int) -> Iterator[slice]:
-    step = rows_per_chunk(row_bytes, n)
-    for start in range(0, max(n, 1), step):
-        yield slice(start, min(n, start + step))
 
 
 # ---- bank messages ---------------------------------------------------------
@@ -136,8 +63,8 @@ def info_from_pb(m: pb.BankInfo) -> api.BankInfo:
 
 
 def quota_to_pb(q: int | None) -> int:
-    if q is not None and q < 0:
-        raise InvalidArgument(f"quota must not be negative; got {q}")
+    """-1 for unlimited; a negative or fractional quota cannot travel (int64, -1 taken)."""
+    q = api.check_quota(q)
     return -1 if q is None else q
 
 
@@ -261,8 +188,3 @@ def stats_from_pb(m: pb.StatsResponse) -> api.Stats:
         used_bytes=m.used_bytes, num_gpus=m.num_gpus,
         stacks=[stack_from_pb(u) for u in m.stacks],
         tenants=[tenant_from_pb(t) for t in m.tenants])
-
-
-def grpc_target(address: str) -> str:
-    """A gRPC target for 'unix:///abs.sock', 'unix:rel.sock', 'host:port' or a bare path."""
-    return f"unix://{address}" if address.startswith("/") else address

@@ -35,20 +35,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from memoryd import __version__, shm, wire
+from memoryd import __version__
 from memoryd.api import MemoryBackend
-from memoryd.config import Config, socket_path
-from memoryd.errors import MemoryError  # noqa: A004 - the domain base class
-from memoryd.service import MemoryServicer, add_to_server
+from memoryd.daemon.config import Config
+from memoryd.daemon.service import MemoryServicer, add_to_server
+from memoryd.errors import MemorydError
 from memoryd.v1 import memory_pb2
+from memoryd.wire import shm
+from memoryd.wire.channel import SERVER_OPTIONS, grpc_target, socket_path
 
 log = logging.getLogger("memoryd.server")
 
 SERVICE_NAME = memory_pb2.DESCRIPTOR.services_by_name["Memory"].full_name  # memoryd.v1.Memory
 LOCK_NAME = "memoryd.pid"
-# gRPC sets SO_REUSEPORT by default, which lets a second daemon bind the same
-# TCP port silently; a busy port must be an error instead.
-SERVER_OPTIONS = [*wire.CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 
 
 class StartupError(RuntimeError):
@@ -192,7 +191,7 @@ def serve(config: Config) -> int:
         if sock is not None:
             claim_socket(sock)
         return _run(config)
-    except (StartupError, OSError, MemoryError) as e:
+    except (StartupError, OSError, MemorydError) as e:
         log.error(f"memoryd cannot start: {e}", extra={"fields": {
             "data_dir": str(config.data_dir), "listen": config.listen}})
         return 1
@@ -204,7 +203,7 @@ def serve(config: Config) -> int:
 
 
 def _run(config: Config) -> int:
-    from memoryd.local import LocalMemory   # the engine; imported late (faiss, sqlalchemy)
+    from memoryd.engine import LocalMemory   # imported late: faiss, sqlalchemy
 
     stop = threading.Event()
     seen: list[int] = []
@@ -269,7 +268,7 @@ def _close(config: Config, backend: MemoryBackend) -> int:
 
 def health_status(address: str, service: str = "", timeout: float = 1.0) -> str:
     """The daemon's health status name (e.g. 'SERVING'); grpc.RpcError if it does not answer."""
-    with grpc.insecure_channel(wire.grpc_target(address)) as channel:
+    with grpc.insecure_channel(grpc_target(address)) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -297,7 +296,7 @@ def spawn(data_dir: str | Path, *extra: str, timeout: float = 600.0, **popen):
     import subprocess
 
     address = f"unix://{Path(data_dir).resolve() / 'memoryd.sock'}"
-    proc = subprocess.Popen([sys.executable, "-m", "memoryd.cli", "serve", "--data-dir",
+    proc = subprocess.Popen([sys.executable, "-m", "memoryd.daemon.cli", "serve", "--data-dir",
                              str(data_dir), "--log-level", "warning", *extra], **popen)
     wait_serving(address, timeout=timeout, proc=proc)  # loading a big bank takes a while
     return proc, address

@@ -1,0 +1,221 @@
+"""LocalMemory: the in-process backend (every plane of memoryd.api), no daemon needed.
+
+This is the engine the daemon serves as well: `memoryd serve` wraps one
+LocalMemory in thin gRPC handlers, so the two backends share every rule.
+It composes the layers below it and adds nothing but their wiring:
+
+    BankEngine       banks and the catalog (memoryd.engine.banks)
+    SessionManager   sessions, built on the engine (memoryd.engine.sessions)
+    StackLog         who searched which stack (memoryd.engine.stacks)
+
+Each request that names banks asks the session layer once: `use` for
+requests that count as use of a session (search, add, append: the idle clock
+restarts), `visible` for the others; an expired session's bank is NOT_FOUND.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+import memoryd
+from memoryd import api
+from memoryd.api import (BankInfo, BankQuery, BankSpec, Caller, ExportChunk, GetResult,
+                         PromoteResult, SearchResult, SessionInfo, SessionSpec, Stats, TenantInfo)
+from memoryd.catalog import Catalog
+from memoryd.engine.banks import BankEngine
+from memoryd.engine.sessions import SessionManager
+from memoryd.engine.stacks import StackLog
+from memoryd.errors import InvalidArgument
+from memoryd.storage import faiss_index as fx
+
+log = logging.getLogger("memoryd")
+LOCAL_CALLER = Caller("local")        # who calls when an in-process caller names nobody
+
+
+class LocalMemory:
+    """The memory backend in this process. Thread-safe."""
+
+    def __init__(self, data_dir: str | Path, catalog_url: str | None = None, *,
+                 search_threads: int = 4, clock: Callable[[], float] = time.time,
+                 reap_interval: float | None = 1.0):
+        """clock: seconds, for session expiry (tests inject one); reap_interval:
+        how often a background thread deletes expired sessions (None: never,
+        call reap_expired() yourself)."""
+        self.data_dir = Path(data_dir).resolve()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.catalog_url = catalog_url or f"sqlite:///{self.data_dir / 'catalog.db'}"
+        self.catalog = Catalog(self.catalog_url)
+        self._started = time.time()
+        self._closed = False
+        self.engine = BankEngine(self.data_dir, self.catalog, search_threads=search_threads)
+        self.sessions = SessionManager(self.engine, self.catalog, clock)
+        self.sessions.load()
+        self.stacks = StackLog()
+        self._stop = threading.Event()
+        self._reaper = None
+        if reap_interval:
+            self._reaper = threading.Thread(target=self._reap_loop, args=(reap_interval,),
+                                            name="memoryd-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.reap_expired()
+            except Exception:  # noqa: BLE001 - the reaper must outlive one bad pass
+                log.exception("session reaper pass failed")
+
+    def reap_expired(self) -> int:
+        """Delete expired sessions now; returns how many."""
+        return self.sessions.reap()
+
+    def close(self) -> None:
+        """Snapshot every index and release files; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._reaper is not None:
+            self._reaper.join()
+        self.sessions.flush()
+        self.engine.close()
+        self.catalog.close()
+
+    def __enter__(self) -> "LocalMemory":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _visible(self, name: str) -> str:
+        """name, once it is a bank (NotFound) and not an expired session's."""
+        self.engine.store(name)
+        self.sessions.visible([name])
+        return name
+
+    # ---- admin plane ---------------------------------------------------------------
+    def create_bank(self, spec: BankSpec, *, caller: Caller | None = None) -> BankInfo:
+        return self.engine.create_bank(spec)
+
+    def bank_info(self, name: str, *, caller: Caller | None = None) -> BankInfo:
+        return self.engine.bank_info(name)
+
+    def list_banks(self, tenant: str | None = None, *,
+                   caller: Caller | None = None) -> list[BankInfo]:
+        return self.engine.list_banks(tenant)
+
+    def delete_bank(self, name: str, *, caller: Caller | None = None) -> int:
+        return self.engine.delete_bank(self._visible(name))
+
+    def freeze_bank(self, name: str, *, caller: Caller | None = None) -> BankInfo:
+        return self.engine.freeze_bank(self._visible(name))
+
+    def set_quota(self, name: str, quota_bytes: int | None, *,
+                  caller: Caller | None = None) -> BankInfo:
+        api.check_quota(quota_bytes)
+        return self.engine.set_quota(self._visible(name), quota_bytes)
+
+    def set_tier(self, name: str, tier: str, *, caller: Caller | None = None) -> BankInfo:
+        return self.engine.set_tier(self._visible(name), tier)
+
+    def stats(self, *, caller: Caller | None = None) -> Stats:
+        banks = self.list_banks()
+        return Stats(version=memoryd.__version__, data_dir=str(self.data_dir),
+                     catalog_url=_redact(self.catalog_url), uptime_s=time.time() - self._started,
+                     banks=banks, used_bytes=sum(b.used_bytes for b in banks),
+                     num_gpus=fx.num_gpus(), stacks=self.stacks.snapshot(),
+                     tenants=self.list_tenants())
+
+    # ---- data plane ------------------------------------------------------------------
+    def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None, *,
+            caller: Caller | None = None) -> np.ndarray:
+        self.engine.store(bank)
+        self.sessions.use([bank])      # a write to a session's bank is use, too
+        return self.engine.add(bank, keys, values, ids)
+
+    def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
+               values: bool = True, keys: bool = False, *,
+               caller: Caller | None = None) -> SearchResult:
+        stack = api.bank_list(banks)
+        k = api.check_k(k)
+        names = [b.name for b in stack]
+        for name in names:
+            self.engine.store(name)
+        self.sessions.use(names)
+        result = self.engine.search(stack, queries, k, values, keys)
+        self.stacks.record((caller or LOCAL_CALLER).name, names)
+        return result
+
+    def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False, *,
+            caller: Caller | None = None) -> GetResult:
+        return self.engine.get(self._visible(bank), ids, values, keys)
+
+    def update_values(self, bank: str, ids: Any, values: Any, *,
+                      caller: Caller | None = None) -> int:
+        return self.engine.update_values(self._visible(bank), ids, values)
+
+    def remove(self, bank: str, ids: Any, *, caller: Caller | None = None) -> int:
+        return self.engine.remove(self._visible(bank), ids)
+
+    def export(self, bank: str, chunk_rows: int = api.CHUNK_ROWS, *,
+               caller: Caller | None = None) -> Iterator[ExportChunk]:
+        return self.engine.export(self._visible(bank), chunk_rows)
+
+    # ---- session plane (memoryd.engine.sessions) ---------------------------------------
+    def open_session(self, spec: SessionSpec, *, caller: Caller | None = None) -> SessionInfo:
+        return self.sessions.open(spec)
+
+    def append(self, session_id: str, keys: Any, values: Any = None, scores: Any = None, *,
+               caller: Caller | None = None) -> np.ndarray:
+        return self.sessions.append(session_id, keys, values, scores)
+
+    def session_info(self, session_id: str, *, caller: Caller | None = None) -> SessionInfo:
+        return self.sessions.info(session_id)
+
+    def list_sessions(self, tenant: str | None = None, *,
+                      caller: Caller | None = None) -> list[SessionInfo]:
+        return self.sessions.list(tenant)
+
+    def extend_session(self, session_id: str, ttl_idle_s: float | None = None,
+                       ttl_absolute_s: float | None = None, *,
+                       caller: Caller | None = None) -> SessionInfo:
+        return self.sessions.extend(session_id, ttl_idle_s, ttl_absolute_s)
+
+    def close_session(self, session_id: str, *, caller: Caller | None = None) -> int:
+        return self.sessions.close(session_id)
+
+    def promote_session(self, session_id: str, target: str, *, ids: Any = None,
+                        min_score: float | None = None, dedup: float | None = None,
+                        move: bool = False, caller: Caller | None = None) -> PromoteResult:
+        return self.sessions.promote(session_id, target, ids, min_score, dedup, move)
+
+    # ---- tenant plane ------------------------------------------------------------------
+    def set_tenant_quota(self, tenant: str, quota_bytes: int | None, *,
+                         caller: Caller | None = None) -> TenantInfo:
+        if not api.name_ok(tenant):
+            raise InvalidArgument(f"bad tenant name {tenant!r}")
+        self.catalog.set_tenant_quota(tenant, api.check_quota(quota_bytes))
+        return self.tenant_info(tenant)
+
+    def tenant_info(self, tenant: str, *, caller: Caller | None = None) -> TenantInfo:
+        row = self.catalog.tenant(tenant)
+        tiers: dict[str, int] = {}
+        for info in self.engine.list_banks(tenant):
+            for tier, n in info.tier_bytes.items():
+                tiers[tier] = tiers.get(tier, 0) + n
+        return TenantInfo(name=tenant, quota_bytes=row["quota_bytes"], used_bytes=int(row["used_bytes"]),
+                          banks=row["banks"], sessions=row["sessions"], tier_bytes=tiers)
+
+    def list_tenants(self, *, caller: Caller | None = None) -> list[TenantInfo]:
+        return [self.tenant_info(t) for t in self.catalog.tenant_names()]
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a catalog URL before it leaves the process."""
+    from sqlalchemy.engine import make_url
+    return make_url(url).render_as_string(hide_password=True)

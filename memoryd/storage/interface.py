@@ -1,0 +1,127 @@
+"""The bank interface: everything the engine may call on one bank.
+
+`Bank` (FAISS shards over row files) and `ProductKeyBank` (fixed product
+keys) implement it; the engine (memoryd.engine) sees nothing else of
+storage. An operation a kind of bank cannot do raises FailedPrecondition
+(e.g. adding keys to a product-key bank), never AttributeError: every method
+below is abstract, so a bank class that forgets one cannot be built.
+
+Locking: each bank carries a readers/writer lock (`lock`). The engine holds
+`lock.write()` around writes (from plan_add to add, with the quota
+reservation between them) and `lock.read()` around reads; the methods here
+take no lock themselves.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from memoryd.api import BankSpec, ExportChunk, ShardSearch
+from memoryd.storage.locks import RWLock
+
+
+@dataclass
+class AddPlan:
+    """An add checked and ready (ids chosen, index trained if it had to be),
+    not yet applied: the engine reserves its bytes in between."""
+
+    ids: np.ndarray                    # (n,) int64
+    keys: np.ndarray                   # (n, dim) float32
+    values: np.ndarray | None          # (n, value_dim) in the bank's value dtype
+    row_bytes: int                     # what one row costs once the plan is applied
+    detail: Any = field(default=None, repr=False)   # the bank's own (e.g. a trained index)
+
+
+class BankStore(ABC):
+    """One bank on disk and in memory (see the module doc for locking)."""
+
+    def __init__(self, path: Path, spec: BankSpec):
+        self.path, self.spec = Path(path), spec
+        self.lock = RWLock()
+        self.frozen = False            # mirrors the catalog; set by the engine
+
+    # ---- life cycle -----------------------------------------------------------
+    @abstractmethod
+    def create(self) -> "BankStore":
+        """Make the bank's files (its folder must not exist)."""
+
+    @abstractmethod
+    def open(self) -> "BankStore":
+        """Load the bank from its files, rolling back a write torn by a crash."""
+
+    @abstractmethod
+    def checkpoint(self) -> None:
+        """Write what a restart would otherwise rebuild (index snapshots)."""
+
+    @abstractmethod
+    def delete_files(self) -> None: ...
+
+    @abstractmethod
+    def set_tier(self, tier: str) -> None:
+        """Move the bank to tier (memoryd.storage.tiers), live."""
+
+    @abstractmethod
+    def checksum(self) -> str:
+        """'sha256:...' over what the bank holds: what a frozen bank promises."""
+
+    # ---- sizes ----------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def count(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def trained(self) -> bool: ...
+
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the bank holds and is charged for (0 when empty)."""
+
+    @abstractmethod
+    def tier_bytes(self) -> dict[str, int]:
+        """Where nbytes() sits ({"ram"|"disk"|"gpu": bytes}), and the files on disk."""
+
+    # ---- writes (the caller holds lock.write()) --------------------------------------
+    @abstractmethod
+    def plan_add(self, keys: np.ndarray, values: np.ndarray | None,
+                 ids: np.ndarray | None) -> AddPlan:
+        """Check an add (ids new and valid; InvalidArgument, NeedsTraining) and
+        prepare it; nothing is written."""
+
+    @abstractmethod
+    def add_cost(self, plan: AddPlan) -> int:
+        """Bytes the bank would grow by if plan were applied now."""
+
+    @abstractmethod
+    def add(self, plan: AddPlan) -> None:
+        """Apply plan: all of its rows, on every shard, or (after a crash) none."""
+
+    @abstractmethod
+    def update_values(self, ids: np.ndarray, values: np.ndarray) -> int:
+        """Overwrite the values of the ids held; how many were."""
+
+    @abstractmethod
+    def remove(self, ids: np.ndarray) -> int:
+        """Remove the ids held; how many were."""
+
+    @abstractmethod
+    def evict_oldest(self, nbytes: int, row_bytes: int | None = None) -> int:
+        """Remove the oldest rows (smallest ids) worth nbytes at row_bytes each
+        (default: what a row costs now); how many rows left."""
+
+    # ---- reads (the caller holds lock.read()) ------------------------------------------
+    @abstractmethod
+    def searchers(self) -> list[ShardSearch]:
+        """The pieces a search fans out to, each answering with its payload."""
+
+    @abstractmethod
+    def gather(self, ids: np.ndarray, *, keys: bool, values: bool
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(found, keys, values) for any-shaped ids; zeros where not found."""
+
+    @abstractmethod
+    def export_chunks(self, chunk_rows: int) -> Iterator[ExportChunk]: ...
