@@ -45,7 +45,6 @@ from memoryd.errors import InvalidArgument
 KINDS = ("base", "domain", "session")
 METRICS = ("l2", "ip")
 TIERS = ("ram", "mmap", "gpu")         # where a bank's index and rows live
-TIER_BYTE_KEYS = ("ram", "disk", "gpu")  # what BankInfo/TenantInfo.tier_bytes count
 EVICTIONS = ("reject", "fifo")         # what a write over quota does
 MAX_K = 4096          # largest k one search may ask for
 MAX_SHARDS = 64

@@ -145,13 +145,6 @@ class Catalog:
             raise NotFound(f"no bank named '{name}'")
         return _info(row)
 
-    def storage_of(self, name: str) -> str:
-        with self.engine.connect() as c:
-            row = c.execute(sa.select(banks.c.storage).where(banks.c.name == name)).first()
-        if row is None:
-            raise NotFound(f"no bank named '{name}'")
-        return row[0]
-
     def list_banks(self, tenant: str | None = None) -> list[BankInfo]:
         q = sa.select(banks).order_by(banks.c.name)
         if tenant:

@@ -206,6 +206,26 @@ def test_no_backend_given(tmp_path, monkeypatch):
     Mem([]).fails("bank", "list", needles=["no daemon address", "--address", "--data-dir"])
 
 
+def test_no_daemon_at_the_address_fails_fast(tmp_path):
+    """A socket file nobody listens on, a missing one, a closed TCP port: one line
+    at once, not after gRPC's reconnect backoff (it used to wait 10 s)."""
+    import socket
+    import time
+
+    stale = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(stale))
+    s.close()                                   # the file stays, nothing listens
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    for address in (f"unix://{stale}", str(tmp_path / "missing.sock"), f"127.0.0.1:{port}"):
+        t = time.monotonic()
+        Mem(["--address", address]).fails("bank", "list", needles=["no memoryd listening"])
+        assert time.monotonic() - t < 2.0, address
+
+
 def test_address_and_data_dir_together(tmp_path):
     Mem(["--address", "localhost:1", "--data-dir", str(tmp_path)]).fails(
         "bank", "list", needles=["not both"])

@@ -64,6 +64,29 @@ def test_keys_are_fixed(mem, make_bank):
     assert info.count == 16 and info.used_bytes > 0
 
 
+def test_fifo_quota_below_usage_is_a_precondition_not_a_crash(mem, make_bank):
+    """A fifo product-key bank cannot evict its fixed keys: lowering its quota
+    below usage is FAILED_PRECONDITION (it was AttributeError -> INTERNAL)."""
+    spec = make_bank(mem, dim=8, value_dim=2, index="product-keys:4", eviction="fifo")
+    used = mem.bank_info(spec.name).used_bytes
+    with pytest.raises(FailedPrecondition, match="product keys.*evict"):
+        mem.set_quota(spec.name, used - 1)
+    info = mem.bank_info(spec.name)
+    assert (info.count, info.used_bytes, info.spec.quota_bytes) == (16, used, None)
+    assert mem.set_quota(spec.name, used).spec.quota_bytes == used      # at usage: fine
+
+
+def test_product_key_bank_declares_every_bank_operation():
+    """Both bank kinds implement the whole declared interface (an abstract
+    method left out would make the class impossible to build)."""
+    from memoryd.storage import Bank, BankStore, ProductKeyBank
+    assert BankStore.__abstractmethods__ >= {
+        "plan_add", "add", "add_cost", "remove", "evict_oldest", "update_values", "searchers",
+        "gather", "export_chunks", "set_tier", "checksum", "nbytes", "tier_bytes", "count"}
+    for cls in (Bank, ProductKeyBank):
+        assert issubclass(cls, BankStore) and not cls.__abstractmethods__, cls
+
+
 @pytest.mark.parametrize("index,dim,match", [
     ("product-keys", 8, "product-keys:<n>"),
     ("product-keys:1", 8, "2.."),

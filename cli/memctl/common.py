@@ -206,7 +206,9 @@ def open_backend(target: tuple[str, str], catalog_url: str | None, timeout: floa
     kind, where = target
     if kind == "address":
         from knnlayer.client import MemoryClient
+        from memoryd.wire.channel import probe
 
+        probe(where)             # nothing listening: say so now, not after gRPC's retries
         if timeout is not None:  # also bounds the wait for the daemon to answer
             return MemoryClient(where, timeout=timeout, wait_ready=timeout)
         return MemoryClient(where)

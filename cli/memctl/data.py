@@ -9,7 +9,7 @@ import click
 import numpy as np
 
 from memoryd import errors
-from memoryd.api import BankQuery
+from memoryd.api import CHUNK_ROWS, BankQuery
 from memoryd.arrays import BFLOAT16, VALUE_DTYPES
 from memctl import output
 from memctl.common import (BankValueType, json_option, load_npy, one_line, progress_bar,
@@ -36,7 +36,7 @@ def _open_ids_out(path: str, n: int, start: int):
 @click.argument("keys_path", metavar="KEYS.npy", type=click.Path(dir_okay=False))
 @click.argument("values_path", metavar="[VALUES.npy]", required=False,
                 type=click.Path(dir_okay=False))
-@click.option("--batch-size", type=click.IntRange(1), default=65536, show_default=True,
+@click.option("--batch-size", type=click.IntRange(1), default=CHUNK_ROWS, show_default=True,
               help="rows per add call; each batch is stored atomically")
 @click.option("--start", type=click.IntRange(0), default=0, show_default=True, metavar="ROW",
               help="skip rows before ROW (resume after an interruption)")
@@ -159,7 +159,7 @@ def _resume_message(backend, bank, exc, start, row, n, expected_count, batch_siz
             f"resume with --start {resume}")
 
 
-def export_bank(backend, bank_name: str, outdir: str, *, chunk_rows: int = 65536,
+def export_bank(backend, bank_name: str, outdir: str, *, chunk_rows: int = CHUNK_ROWS,
                 force: bool = False, progress: bool | None = None, what: str = "") -> str:
     """Write a bank (or a session's bank) to OUTDIR/{ids,keys,values}.npy; the summary line."""
     info = backend.bank_info(bank_name)
@@ -197,7 +197,7 @@ def export_options(fn):
     fn = progress_options(fn)
     fn = click.option("--force", "-f", is_flag=True,
                       help="overwrite existing files in OUTDIR")(fn)
-    return click.option("--chunk-rows", type=click.IntRange(1), default=65536,
+    return click.option("--chunk-rows", type=click.IntRange(1), default=CHUNK_ROWS,
                         show_default=True, help="rows per chunk fetched from the backend")(fn)
 
 
