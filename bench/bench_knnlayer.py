@@ -533,7 +533,7 @@ def part_text(data_dir: Path, a) -> tuple[list[dict], list[dict], dict]:
             chosen = {}
             for name, param, grid in (("IVF", "nprobe", [p for p in a.nprobe if p <= nlist]),
                                       ("HNSW32", "efSearch", a.ef_search)):
-                index = mem.engine.store(banks[name]).shards[0].index
+                index = mem.engine.bank(banks[name]).shards[0].index
                 pick = None
                 for v in grid:
                     faiss.ParameterSpace().set_index_parameters(index, f"{param}={v}")

@@ -102,7 +102,7 @@ def main() -> None:
     try:
         with LocalMemory(data_dir) as mem, MemoryClient(address) as client, \
                 MemoryClient(address, reply_buffers=False) as sock:
-            bank = mem.engine.store("bench")
+            bank = mem.engine.bank("bench")
             index = bank.shards[0].index
             values = bank.shards[0].store.values.data        # ids == rows: assigned 0..n-1
 

@@ -64,7 +64,8 @@ def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
     parts: (source label, result) pairs; the merged `bank` is the label of the
     part each result came from (-1 where missing). values_dtype: the values'
     dtype in the merged result (None: no values); a part without values (a
-    key-only bank) contributes zeros. keys: whether every part carries keys.
+    key-only bank) contributes zeros. keys: whether to merge keys (a part
+    without them contributes zeros).
     """
     if len(parts) == 1 and parts[0][1].ids.shape[1] == k:       # the common case: no copies
         label, r = parts[0]
@@ -91,8 +92,10 @@ def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
              else np.zeros((nq, r.ids.shape[1], value_dim), values_dtype)
              for _, r in parts], axis=1), k, 0), order)                      # (nq, k, dv)
     if keys:
-        out_k = _take(_pad(np.concatenate([r.keys for _, r in parts], axis=1), k, 0),
-                      order)                                                  # (nq, k, dim)
+        dim = next((r.keys.shape[2] for _, r in parts if r.keys is not None), 0)
+        out_k = _take(_pad(np.concatenate(
+            [r.keys if r.keys is not None else np.zeros((nq, r.ids.shape[1], dim), np.float32)
+             for _, r in parts], axis=1), k, 0), order)                      # (nq, k, dim)
     for out in (out_v, out_k):
         if out is not None:
             out[I < 0] = 0

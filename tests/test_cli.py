@@ -1,7 +1,7 @@
 """memctl, end to end through click's CliRunner.
 
 Most tests open a data directory in-process (--data-dir, LocalMemory); the
-daemon tests start memoryd in this process (memoryd.server.create_server)
+daemon tests start memoryd in this process (memoryd.daemon.server.create_server)
 and talk to it over gRPC (--address, MemoryClient).
 """
 from __future__ import annotations

@@ -122,7 +122,7 @@ def rows(mem, bank):
 def assert_catalog_true(mem):
     """Every bank's catalog bytes/count are what it holds; tenants sum them."""
     for info in mem.list_banks():
-        bank = mem.engine.store(info.name)
+        bank = mem.engine.bank(info.name)
         assert (info.used_bytes, info.count) == (bank.nbytes(), bank.count), info.name
     for t in mem.list_tenants():
         assert t.used_bytes == sum(b.used_bytes for b in mem.list_banks(t.name)), t.name
@@ -150,7 +150,7 @@ def test_multi_shard_add_killed_between_shards_is_all_or_nothing(tmp_path):
         assert np.isin(r.ids, want_ids).all()                  # only the old rows answer
         assert mem.search("multi", torn_keys, 1).scores.min() > 1e-3
         np.testing.assert_array_equal(rows(mem, "single")[0], np.sort(log["single_ids"]))
-        assert not (mem.engine.store("multi").path / "intent.json").exists()
+        assert not (mem.engine.bank("multi").path / "intent.json").exists()
         assert_catalog_true(mem)
         # the same rows in a fresh bank cost the same bytes
         mem.create_bank(BankSpec("twin", dim=DIM, value_dim=VDIM, shards=4))

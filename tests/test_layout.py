@@ -84,7 +84,7 @@ def test_the_layers_are_folders(graph):
     assert "memctl.cli" in graph and (ROOT / "cli" / "memctl" / "cli.py").exists()
     top = sorted(m for m in graph if m.count(".") == 1 and m.startswith("memoryd.")
                  and layer_of(m) == CORE)
-    assert top == ["memoryd.api", "memoryd.arrays", "memoryd.catalog", "memoryd.errors",
+    assert top == ["memoryd.api", "memoryd.arrays", "memoryd.errors",
                    "memoryd.faults", "memoryd.keyspace", "memoryd.sizes", "memoryd.topk",
                    "memoryd.v1"]
 

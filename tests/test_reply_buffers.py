@@ -1,4 +1,4 @@
-"""Reply buffers: search results through shared memory (memoryd/shm.py, knnlayer/reply_buffers.py).
+"""Reply buffers: search results through shared memory (memoryd/wire/shm.py, memoryd/wire/reply_pool.py).
 
 The daemon side is tested on its own (files, limits, expiry, stale files);
 the client against a real server with buffers in a temp dir, comparing every

@@ -179,6 +179,28 @@ def test_append_restarts_the_idle_clock(rig, clock):
     assert_gone(mem, sid)
 
 
+def test_failed_requests_do_not_restart_the_idle_clock(rig, clock):
+    """Only a request that succeeded is use: a bad search, append or add that
+    names a session leaves its idle clock where it was, and so does a stack
+    search that fails on another (expired) session."""
+    mem = rig.mem
+    t0 = clock.now
+    sid = mem.open_session(spec(ttl_idle_s=10)).session_id
+    gone = mem.open_session(spec(ttl_idle_s=1)).session_id
+    clock.advance(5)
+    with pytest.raises(errors.InvalidArgument):
+        mem.search(sid, gaussian(1, DIM + 1, 3), 2)                 # wrong dim
+    with pytest.raises(errors.InvalidArgument):
+        mem.append(sid, gaussian(1, DIM + 1, 1), vals(1, 2))
+    with pytest.raises(errors.InvalidArgument):
+        mem.add(sid, gaussian(1, DIM, 1), vals(1, 2)[:, :1])        # wrong value dim
+    with pytest.raises(errors.NotFound, match="expired"):
+        mem.search([sid, gone], gaussian(1, DIM, 3), 2)
+    assert mem.session_info(sid).last_used_at == t0
+    mem.search(sid, gaussian(1, DIM, 3), 2)
+    assert mem.session_info(sid).last_used_at == t0 + 5
+
+
 def test_absolute_ttl_ignores_use(rig, clock):
     mem = rig.mem
     baseline = tenant_used(mem)

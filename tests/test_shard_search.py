@@ -13,7 +13,7 @@ from knnlayer.client import MemoryClient
 from memoryd.api import BankQuery, BankSpec, ShardSearch
 from memoryd.daemon.server import create_server
 from memoryd.engine import LocalMemory
-from memoryd.engine.searching import search_stack
+from memoryd.engine.searching import StackEntry, search_stack
 
 
 class RemoteShard:
@@ -74,8 +74,8 @@ def test_remote_shards_equal_one_bank(daemons, tmp_path, metric, k):
     pieces = [RemoteShard(c0, "part"), RemoteShard(c1, "part")]
     assert all(isinstance(p, ShardSearch) for p in pieces)
     with cf.ThreadPoolExecutor(2) as pool:
-        got = search_stack([(0, BankQuery("part"), pieces)], q, k, metric, np.dtype(np.float32),
-                           4, True, pool)
+        got = search_stack([StackEntry(0, BankQuery("part"), pieces)], q, k, metric,
+                           np.dtype(np.float32), 4, True, pool)
     want = whole.search("part", q, k, values=True, keys=True)
     assert [p.calls for p in pieces] == [1, 1]                   # one round trip each
     np.testing.assert_array_equal(got.ids, want.ids)
@@ -89,5 +89,5 @@ def test_local_pieces_are_shard_searchers(tmp_path):
     with LocalMemory(tmp_path) as mem:
         mem.create_bank(BankSpec("s", dim=8, value_dim=2, shards=3))
         mem.create_bank(BankSpec("pk", dim=8, value_dim=2, index="product-keys:3"))
-        pieces = mem.engine.store("s").searchers() + mem.engine.store("pk").searchers()
+        pieces = mem.engine.bank("s").searchers() + mem.engine.bank("pk").searchers()
     assert len(pieces) == 4 and all(isinstance(p, ShardSearch) for p in pieces)

@@ -323,7 +323,7 @@ def test_concurrent_writers_never_pass_the_tenant_quota(rig, make_bank):
     infos = {b.name: b for b in mem.list_banks(t)}
     assert final == sum(b.used_bytes for b in infos.values())
     for name, info in infos.items():
-        bank = rig.local.engine.store(name)
+        bank = rig.local.engine.bank(name)
         assert info.used_bytes == bank.nbytes(), name
         assert info.count == bank.count == sum(len(c.ids) for c in mem.export(name)), name
     # ... and what a fresh LocalMemory on the same dir reconciles to

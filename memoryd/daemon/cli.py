@@ -7,6 +7,7 @@ import sys
 import click
 
 from memoryd import __version__
+from memoryd.daemon.config import GRACE_S, MAX_WORKERS
 from memoryd.sizes import format_size
 from memoryd.wire.shm import DEFAULT_TOTAL_BYTES
 
@@ -35,9 +36,10 @@ def main() -> None:
               help="TOML file with the same settings (flags and env override it).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
               help="Log level (default info; debug logs every RPC). [env MEMORYD_LOG_LEVEL]")
-@click.option("--max-workers", type=click.IntRange(min=1), help="RPC worker threads (default 16).")
+@click.option("--max-workers", type=click.IntRange(min=1),
+              help=f"RPC worker threads (default {MAX_WORKERS}).")
 @click.option("--grace", "grace_s", type=click.FloatRange(min=0),
-              help="Seconds in-flight calls may finish after SIGTERM (default 20).")
+              help=f"Seconds in-flight calls may finish after SIGTERM (default {GRACE_S:g}).")
 @click.option("--shm-dir", help="Folder for reply buffers, the shared memory through which "
                                 "clients on this host get search results (default /dev/shm; "
                                 "'off': none, every reply goes through the socket).")

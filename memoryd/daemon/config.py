@@ -31,6 +31,8 @@ from memoryd.wire import channel
 from memoryd.wire.shm import DEFAULT_TOTAL_BYTES
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_WORKERS = 16             # RPC worker threads
+GRACE_S = 20.0               # how long in-flight calls may finish on shutdown
 ENV = {"data_dir": "MEMORYD_DATA_DIR", "listen": "MEMORYD_LISTEN",
        "catalog_url": "MEMORYD_CATALOG_URL", "log_level": "MEMORYD_LOG_LEVEL"}
 SOCKET_NAME = "memoryd.sock"
@@ -46,9 +48,9 @@ class Config:
     data_dir: Path
     listen: str                       # "unix:///abs.sock", "unix:rel.sock" or "host:port"
     catalog_url: str | None = None    # None: sqlite:///<data_dir>/catalog.db
-    max_workers: int = 16
+    max_workers: int = MAX_WORKERS
     log_level: str = "info"
-    grace_s: float = 20.0             # how long in-flight calls may finish on shutdown
+    grace_s: float = GRACE_S
     shm_dir: Path | None = None       # reply buffers' folder; None: /dev/shm if usable
     shm_bytes: int = DEFAULT_TOTAL_BYTES   # all reply buffers together; 0: buffers off
 
@@ -119,8 +121,8 @@ def _typed(raw: dict[str, Any]) -> Config:
         shm_dir, shm_bytes = None, 0
     return Config(
         data_dir=data_dir, listen=listen, catalog_url=raw.get("catalog_url") or None,
-        max_workers=_number(raw, "max_workers", 16, int, 1),
-        log_level=log_level, grace_s=_number(raw, "grace_s", 20.0, float, 0),
+        max_workers=_number(raw, "max_workers", MAX_WORKERS, int, 1),
+        log_level=log_level, grace_s=_number(raw, "grace_s", GRACE_S, float, 0),
         shm_dir=Path(str(shm_dir)).expanduser() if shm_dir else None,
         shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", DEFAULT_TOTAL_BYTES, int, 0))
 

@@ -37,7 +37,7 @@ from grpc_reflection.v1alpha import reflection
 
 from memoryd import __version__
 from memoryd.api import MemoryBackend
-from memoryd.daemon.config import Config
+from memoryd.daemon.config import MAX_WORKERS, Config
 from memoryd.daemon.service import MemoryServicer, add_to_server
 from memoryd.errors import MemorydError
 from memoryd.v1 import memory_pb2
@@ -95,7 +95,7 @@ def dial_address(listen: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-def create_server(backend: MemoryBackend, listen: str, *, max_workers: int = 16,
+def create_server(backend: MemoryBackend, listen: str, *, max_workers: int = MAX_WORKERS,
                   health_servicer: health.HealthServicer | None = None,
                   buffers: shm.ReplyBuffers | None = None) -> tuple[grpc.Server, str]:
     """Start memoryd.v1.Memory (+ health, reflection) on listen; (server, address).

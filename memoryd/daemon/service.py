@@ -40,8 +40,8 @@ log = logging.getLogger("memoryd.rpc")
 
 # ---- errors: the one place that maps exceptions to status codes ------------
 
-def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> str:
-    """Abort the call for exc (grpc's abort raises); the code it was answered with."""
+def _abort(context: grpc.ServicerContext, method: str, exc: BaseException) -> None:
+    """Abort the call for exc: always raises (grpc's abort does)."""
     if not context.is_active() or isinstance(exc, grpc.RpcError):
         # the client went away (its request stream raises RpcError)
         context.abort(grpc.StatusCode.CANCELLED, f"{method} cancelled by the client")

@@ -26,21 +26,22 @@ import numpy as np
 from memoryd import api
 from memoryd.api import BankInfo, BankQuery, BankSpec, ExportChunk, GetResult, SearchResult
 from memoryd.arrays import id_vector, matrix, value_dtype
-from memoryd.catalog import Catalog
-from memoryd.engine.searching import search_stack
+from memoryd.engine.catalog import Catalog
+from memoryd.engine.searching import StackEntry, search_stack
 from memoryd.errors import BankFrozen, FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from memoryd.sizes import describe_size
 from memoryd.storage import AddPlan, BankStore, new_bank
 from memoryd.storage import faiss_index as fx
 
 log = logging.getLogger("memoryd")
+SEARCH_THREADS = 4          # threads that search a stack's shards in parallel
 
 
 class BankEngine:
     """Banks by name over one catalog. Thread-safe: an admin lock guards the
     set of banks, each bank's own readers/writer lock its contents."""
 
-    def __init__(self, data_dir: Path, catalog: Catalog, *, search_threads: int = 4):
+    def __init__(self, data_dir: Path, catalog: Catalog, *, search_threads: int = SEARCH_THREADS):
         self.data_dir, self.catalog = data_dir, catalog
         (data_dir / "banks").mkdir(parents=True, exist_ok=True)
         self._banks: dict[str, BankStore] = {}
@@ -77,7 +78,7 @@ class BankEngine:
     def _bank_path(self, storage: str) -> Path:
         return self.data_dir / "banks" / storage
 
-    def store(self, name: str) -> BankStore:
+    def bank(self, name: str) -> BankStore:
         """The bank's storage object (NotFound if there is none)."""
         try:
             return self._banks[name]
@@ -118,7 +119,7 @@ class BankEngine:
 
     def set_tier(self, name: str, tier: str) -> BankInfo:
         """Move a live bank between ram, mmap and gpu (see memoryd.storage.tiers)."""
-        b = self.store(name)
+        b = self.bank(name)
         if tier not in api.TIERS:
             raise InvalidArgument(f"tier must be one of {', '.join(api.TIERS)}; got {tier!r}")
         if tier == "gpu":
@@ -131,7 +132,7 @@ class BankEngine:
 
     def delete_bank(self, name: str) -> int:
         with self._admin:
-            bank = self.store(name)
+            bank = self.bank(name)
             with bank.lock.write():
                 released = self.catalog.delete_bank(name)
                 del self._banks[name]
@@ -139,7 +140,7 @@ class BankEngine:
         return released
 
     def freeze_bank(self, name: str) -> BankInfo:
-        bank = self.store(name)
+        bank = self.bank(name)
         with bank.lock.write():
             if bank.frozen:
                 return self.catalog.bank(name)
@@ -151,7 +152,7 @@ class BankEngine:
     def set_quota(self, name: str, quota_bytes: int | None) -> BankInfo:
         """Raise at once; lower below usage only for a fifo bank (which evicts)."""
         quota_bytes = api.check_quota(quota_bytes)
-        b = self.store(name)
+        b = self.bank(name)
         with b.lock.write():
             used = b.nbytes()
             if quota_bytes is not None and used > quota_bytes:
@@ -172,7 +173,7 @@ class BankEngine:
 
     # ---- writes ------------------------------------------------------------------
     def _writable(self, name: str) -> BankStore:
-        bank = self.store(name)
+        bank = self.bank(name)
         if bank.frozen:  # mirrors the catalog: only this process writes it
             raise BankFrozen(f"bank '{name}' is frozen: it accepts no writes")
         return bank
@@ -192,7 +193,7 @@ class BankEngine:
         return v
 
     def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None) -> np.ndarray:
-        b = self.store(bank)
+        b = self.bank(bank)
         k = matrix(keys, "keys", b.spec.dim, np.dtype(np.float32))
         v = self._values_for(b, values, len(k))
         given = None if ids is None else id_vector(ids)
@@ -230,7 +231,7 @@ class BankEngine:
         return cost
 
     def update_values(self, bank: str, ids: Any, values: Any) -> int:
-        b = self.store(bank)
+        b = self.bank(bank)
         i = id_vector(ids)
         v = self._values_for(b, values, len(i))
         with b.lock.write():
@@ -238,7 +239,7 @@ class BankEngine:
             return b.update_values(i, v)
 
     def remove(self, bank: str, ids: Any) -> int:
-        b = self.store(bank)
+        b = self.bank(bank)
         i = id_vector(ids)
         with b.lock.write():
             self._writable(bank)
@@ -251,9 +252,8 @@ class BankEngine:
     # ---- reads -------------------------------------------------------------------
     def search(self, stack: Sequence[BankQuery], queries: Any, k: int, values: bool = True,
                keys: bool = False) -> SearchResult:
-        """One merged top-k over a normalised stack (api.bank_list) of banks."""
-        k = api.check_k(k)
-        chosen = [self.store(b.name) for b in stack]   # excluded banks must exist too
+        """One merged top-k over a stack normalised by api.bank_list, k checked by api.check_k."""
+        chosen = [self.bank(b.name) for b in stack]   # excluded banks must exist too
         active = [i for i, b in enumerate(stack) if b.include]
         first = chosen[active[0]].spec
         for i in active[1:]:
@@ -267,18 +267,20 @@ class BankEngine:
         with ExitStack() as locks:
             for i in sorted(active, key=lambda i: stack[i].name):
                 locks.enter_context(chosen[i].lock.read())
-            return search_stack([(i, stack[i], chosen[i].searchers()) for i in active], q, k,
-                                first.metric, vdt, vdim, keys, self._pool)
+            entries = [StackEntry(pos=i, query=stack[i], searchers=chosen[i].searchers(),
+                                  gather=chosen[i].gather,
+                                  holds_values=chosen[i].spec.value_dim > 0) for i in active]
+            return search_stack(entries, q, k, first.metric, vdt, vdim, keys, self._pool)
 
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult:
-        b = self.store(bank)
+        b = self.bank(bank)
         i = id_vector(ids)
         with b.lock.read():  # a key-only bank has no values to give: None
             found, kk, vv = b.gather(i, keys=keys, values=values and b.spec.value_dim > 0)
         return GetResult(found=found, values=vv, keys=kk)
 
     def export(self, bank: str, chunk_rows: int = api.CHUNK_ROWS) -> Iterator[ExportChunk]:
-        b = self.store(bank)
+        b = self.bank(bank)
         if chunk_rows <= 0:
             raise InvalidArgument(f"chunk_rows must be positive; got {chunk_rows}")
         return _export(b, chunk_rows)

@@ -8,9 +8,11 @@ It composes the layers below it and adds nothing but their wiring:
     SessionManager   sessions, built on the engine (memoryd.engine.sessions)
     StackLog         who searched which stack (memoryd.engine.stacks)
 
-Each request that names banks asks the session layer once: `use` for
-requests that count as use of a session (search, add, append: the idle clock
-restarts), `visible` for the others; an expired session's bank is NOT_FOUND.
+Each request that names banks to read or write checks them first (an
+expired session's bank is NOT_FOUND, bank by bank in the order named); one
+that counts as use of a session (search, add, append) restarts the idle
+clocks of the sessions it named once it succeeded (`SessionManager.touch`).
+bank_info and list_banks show a session's bank until the reaper drops it.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ import memoryd
 from memoryd import api
 from memoryd.api import (BankInfo, BankQuery, BankSpec, Caller, ExportChunk, GetResult,
                          PromoteResult, SearchResult, SessionInfo, SessionSpec, Stats, TenantInfo)
-from memoryd.catalog import Catalog
-from memoryd.engine.banks import BankEngine
+from memoryd.engine.catalog import Catalog
+from memoryd.engine.banks import SEARCH_THREADS, BankEngine
 from memoryd.engine.sessions import SessionManager
 from memoryd.engine.stacks import StackLog
 from memoryd.errors import InvalidArgument
@@ -41,7 +43,7 @@ class LocalMemory:
     """The memory backend in this process. Thread-safe."""
 
     def __init__(self, data_dir: str | Path, catalog_url: str | None = None, *,
-                 search_threads: int = 4, clock: Callable[[], float] = time.time,
+                 search_threads: int = SEARCH_THREADS, clock: Callable[[], float] = time.time,
                  reap_interval: float | None = 1.0):
         """clock: seconds, for session expiry (tests inject one); reap_interval:
         how often a background thread deletes expired sessions (None: never,
@@ -94,7 +96,7 @@ class LocalMemory:
 
     def _visible(self, name: str) -> str:
         """name, once it is a bank (NotFound) and not an expired session's."""
-        self.engine.store(name)
+        self.engine.bank(name)
         self.sessions.visible([name])
         return name
 
@@ -117,7 +119,6 @@ class LocalMemory:
 
     def set_quota(self, name: str, quota_bytes: int | None, *,
                   caller: Caller | None = None) -> BankInfo:
-        api.check_quota(quota_bytes)
         return self.engine.set_quota(self._visible(name), quota_bytes)
 
     def set_tier(self, name: str, tier: str, *, caller: Caller | None = None) -> BankInfo:
@@ -134,21 +135,19 @@ class LocalMemory:
     # ---- data plane ------------------------------------------------------------------
     def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None, *,
             caller: Caller | None = None) -> np.ndarray:
-        self.engine.store(bank)
-        self.sessions.use([bank])      # a write to a session's bank is use, too
-        return self.engine.add(bank, keys, values, ids)
+        ids = self.engine.add(self._visible(bank), keys, values, ids)
+        self.sessions.touch([bank])    # a write to a session's bank is use, too
+        return ids
 
     def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
                values: bool = True, keys: bool = False, *,
                caller: Caller | None = None) -> SearchResult:
         stack = api.bank_list(banks)
         k = api.check_k(k)
-        names = [b.name for b in stack]
-        for name in names:
-            self.engine.store(name)
-        self.sessions.use(names)
+        names = [self._visible(b.name) for b in stack]
         result = self.engine.search(stack, queries, k, values, keys)
         self.stacks.record((caller or LOCAL_CALLER).name, names)
+        self.sessions.touch(names)
         return result
 
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False, *,

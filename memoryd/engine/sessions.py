@@ -12,8 +12,9 @@ with appends; `promote` can select by them.
 
 Layering: sessions are built on the bank engine (memoryd.engine.banks) and
 the catalog's session table; the engine knows nothing of them. LocalMemory
-asks `use`/`visible` once per request for the banks it names, so an expired
-session's bank answers NOT_FOUND and a used one's idle clock restarts.
+checks the banks a request names (`visible`: an expired session's bank is
+NOT_FOUND) and, once the request succeeded, restarts the idle clocks of the
+sessions it used (`touch`, once per request).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 from memoryd import api, faults
 from memoryd.api import BankQuery, PromoteResult, SessionInfo, SessionSpec
 from memoryd.arrays import id_vector, to_numpy
-from memoryd.catalog import Catalog
+from memoryd.engine.catalog import Catalog
 from memoryd.engine.banks import BankEngine
 from memoryd.errors import FailedPrecondition, InvalidArgument, NotFound
 from memoryd.storage.faiss_index import faiss
@@ -132,18 +133,15 @@ class SessionManager:
             if self.expired(name):
                 raise NotFound(f"no bank named '{name}' (its session expired)")
 
-    def use(self, names: Iterable[str]) -> None:
-        """A request (search, add, append) uses these banks: NotFound for an
-        expired session among them, else the sessions' idle clocks restart."""
+    def touch(self, names: Iterable[str]) -> None:
+        """A request (search, add, append) used these banks and succeeded: the
+        idle clocks of the sessions among them restart (persisted by flush())."""
         now = self.clock()
         with self._lock:
             for name in names:
                 row = self._rows.get(name)
-                if row is None:
-                    continue                      # not a session's bank
-                if self._deadline_passed(row, now):
-                    raise NotFound(f"no bank named '{name}' (its session expired)")
-                row["last_used_at"] = now         # persisted by flush()
+                if row is not None and not self._deadline_passed(row, now):
+                    row["last_used_at"] = now
 
     def reap(self) -> int:
         """Delete expired sessions (their bytes return to the quotas); persist idle clocks."""
@@ -197,8 +195,8 @@ class SessionManager:
                 raise InvalidArgument(f"got {n} keys but {len(sc)} scores")
             if not np.isfinite(sc).all():
                 raise InvalidArgument("scores contain NaN or Inf")
-        self.use([sid])
         ids = self.engine.add(sid, keys, values)
+        self.touch([sid])
         if sc is not None:
             recs = np.empty(n, _SCORE_REC)
             recs["id"], recs["score"] = ids, sc
@@ -208,7 +206,7 @@ class SessionManager:
         return ids
 
     def _scores_path(self, sid: str) -> Path:
-        return self.engine.store(sid).path / SCORES
+        return self.engine.bank(sid).path / SCORES
 
     def scores_of(self, sid: str, ids: np.ndarray) -> np.ndarray:
         """Scores of ids (NaN where an append gave none)."""

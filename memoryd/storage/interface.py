@@ -1,8 +1,9 @@
 """The bank interface: everything the engine may call on one bank.
 
 `Bank` (FAISS shards over row files) and `ProductKeyBank` (fixed product
-keys) implement it; the engine (memoryd.engine) sees nothing else of
-storage. An operation a kind of bank cannot do raises FailedPrecondition
+keys) implement it; the engine (memoryd.engine) reaches a bank through
+nothing else (it also asks storage.faiss_index whether there is a GPU, and
+dedups session keys with a flat faiss index). An operation a kind of bank cannot do raises FailedPrecondition
 (e.g. adding keys to a product-key bank), never AttributeError: every method
 below is abstract, so a bank class that forgets one cannot be built.
 
@@ -111,7 +112,7 @@ class BankStore(ABC):
     @abstractmethod
     def evict_oldest(self, nbytes: int, row_bytes: int | None = None) -> int:
         """Remove the oldest rows (smallest ids) worth nbytes at row_bytes each
-        (default: what a row costs now); how many rows left."""
+        (default: what a row costs now); returns how many were removed."""
 
     # ---- reads (the caller holds lock.read()) ------------------------------------------
     @abstractmethod

@@ -150,7 +150,9 @@ class ProductKeyBank(BankStore):
     def search(self, queries: np.ndarray, k: int, *, values: bool, keys: bool) -> SearchResult:
         """The exact top-k with its payload (api.ShardSearch)."""
         D, I = self.top_k(queries, k)                                              # (nq, k)
-        _, kk, vv = self.gather(I, keys=keys, values=values and self.values is not None)
+        kk = vv = None
+        if keys or (values and self.values is not None):
+            _, kk, vv = self.gather(I, keys=keys, values=values and self.values is not None)
         return SearchResult(ids=I, scores=D, bank=np.where(I >= 0, 0, -1).astype(np.int32),
                             values=vv, keys=kk)
 

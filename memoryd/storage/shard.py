@@ -112,7 +112,9 @@ class Shard:
             I = np.full((nq, k), -1, np.int64)
         else:
             D, I = self.index.search(queries, k)                          # (nq, k)
-        _, kk, vv = self.gather(I, keys=keys, values=values and self.store.values is not None)
+        kk = vv = None
+        if keys or (values and self.store.values is not None):
+            _, kk, vv = self.gather(I, keys=keys, values=values and self.store.values is not None)
         return SearchResult(ids=I, scores=D, bank=np.where(I >= 0, 0, -1).astype(np.int32),
                             values=vv, keys=kk)
 
