@@ -1,6 +1,6 @@
 """KNNAttention: attention over the top-k of large external key/value memories.
 
-    mem = LocalMemory("data")                      # or MemoryClient("unix:///run/memoryd.sock")
+    mem = MemoryClient("unix:///run/memoryd.sock")  # or memoryd.engine.LocalMemory("data")
     attn = KNNAttention(input_dim=512, key_dim=128, value_dim=64, num_heads=8, topk=32,
                         memory=mem, banks=["base", "med"])
     y = attn(x)                  # (B, T, 512) -> (B, T, 8*64), or (B, T, out_dim)
