@@ -104,13 +104,6 @@ def _as_ids(x: Any, what: str = "ids") -> np.ndarray:
     return a
 
 
-def _tensor(a: np.ndarray, what: str) -> pb.Tensor:
-    try:
-        return encode(a)
-    except errors.InvalidArgument as e:
-        raise errors.InvalidArgument(f"{what}: {e}") from None
-
-
 def _client_name(name: str | None) -> str:
     """The x-memoryd-client value: printable ASCII (what gRPC metadata carries)."""
     if name is None:
@@ -249,7 +242,7 @@ class MemoryClient:
 
     @_mapped
     def remove(self, bank: str, ids: Any, *, caller: Caller | None = None) -> int:
-        req = pb.RemoveRequest(bank=bank, ids=_tensor(_as_ids(ids), "ids"))
+        req = pb.RemoveRequest(bank=bank, ids=encode(_as_ids(ids), "ids"))
         return self._stub.Remove(req, **self._opts(caller)).removed
 
     def search(self, banks: str | api.BankQuery | Sequence[str | api.BankQuery], queries: Any,
@@ -286,7 +279,7 @@ class MemoryClient:
     @_mapped
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False, *,
             caller: Caller | None = None) -> api.GetResult:
-        req = pb.GetRequest(bank=bank, ids=_tensor(_as_ids(ids), "ids"), values=values,
+        req = pb.GetRequest(bank=bank, ids=encode(_as_ids(ids), "ids"), values=values,
                             keys=keys)
         return streams.read_get(self._stub.Get(req, **self._opts(caller)))
 
@@ -360,7 +353,7 @@ class MemoryClient:
                         move: bool = False, caller: Caller | None = None) -> api.PromoteResult:
         req = pb.PromoteSessionRequest(
             session_id=session_id, target=target,
-            ids=None if ids is None else _tensor(_as_ids(ids), "ids"),
+            ids=None if ids is None else encode(_as_ids(ids), "ids"),
             min_score=_opt_float(min_score, "min_score"), dedup=_opt_float(dedup, "dedup"),
             move=bool(move))
         return msg.promote_from_pb(self._stub.PromoteSession(req, **self._opts(caller)))

@@ -39,6 +39,20 @@ def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
     return np.pad(a, pad, constant_values=fill)
 
 
+def _merge(scores: list[np.ndarray], ids: list[np.ndarray], labels: list[int], k: int,
+           metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(scores, ids, source, order) of the best k over parts of (nq, k_i) arrays;
+    order (nq, k) indexes their concatenation (None: taken as they are)."""
+    D = _pad(np.concatenate(scores, axis=1), k, 0)                            # (nq, >= k)
+    I = _pad(np.concatenate(ids, axis=1), k, -1)                              # (nq, >= k)
+    S = _pad(np.concatenate([np.full(i.shape, s, np.int32) for i, s in zip(ids, labels)],
+                            axis=1), k, 0)
+    D, order = _order(D, I, k, metric, len(ids))
+    D, I, S = (_take(a, order) for a in (D, I, S))
+    S = np.where(I < 0, -1, S).astype(np.int32, copy=False)
+    return D, I.astype(np.int64, copy=False), S, order
+
+
 def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], sources: list[int], k: int,
                metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(scores, ids, source) of the best k over all parts, best first.
@@ -46,15 +60,8 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], sources: list[int], k
     parts[i] = (D, I), each (nq, k_i); sources[i] labels part i's results.
     Missing results get id -1, source -1 and the metric's worst score.
     """
-    D = _pad(np.concatenate([d for d, _ in parts], axis=1), k, 0)             # (nq, >= k)
-    I = _pad(np.concatenate([i for _, i in parts], axis=1), k, -1)            # (nq, >= k)
-    S = _pad(np.concatenate([np.full(i.shape, s, np.int32)
-                             for (_, i), s in zip(parts, sources)], axis=1), k, 0)
-    D, order = _order(D, I, k, metric, len(parts))
-    if order is not None:
-        D, I, S = (np.take_along_axis(a, order, axis=1) for a in (D, I, S))
-    S = np.where(I < 0, -1, S).astype(np.int32, copy=False)
-    return np.ascontiguousarray(D), np.ascontiguousarray(I.astype(np.int64, copy=False)), S
+    D, I, S, _ = _merge([d for d, _ in parts], [i for _, i in parts], sources, k, metric)
+    return D, I, S
 
 
 def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
@@ -78,13 +85,8 @@ def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
                             values=vals if values_dtype is not None else None,
                             keys=r.keys if keys else None)
     nq = len(parts[0][1].ids)
-    D = _pad(np.concatenate([r.scores for _, r in parts], axis=1), k, 0)      # (nq, >= k)
-    I = _pad(np.concatenate([r.ids for _, r in parts], axis=1), k, -1)        # (nq, >= k)
-    S = _pad(np.concatenate([np.full(r.ids.shape, label, np.int32)
-                             for label, r in parts], axis=1), k, 0)
-    D, order = _order(D, I, k, metric, len(parts))
-    D, I, S = (_take(a, order) for a in (D, I, S))
-    S = np.where(I < 0, -1, S).astype(np.int32, copy=False)
+    D, I, S, order = _merge([r.scores for _, r in parts], [r.ids for _, r in parts],
+                            [label for label, _ in parts], k, metric)
     out_v = out_k = None
     if values_dtype is not None:
         out_v = _take(_pad(np.concatenate(
@@ -99,8 +101,7 @@ def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
     for out in (out_v, out_k):
         if out is not None:
             out[I < 0] = 0
-    return SearchResult(ids=np.ascontiguousarray(I.astype(np.int64, copy=False)),
-                        scores=np.ascontiguousarray(D), bank=S, values=out_v, keys=out_k)
+    return SearchResult(ids=I, scores=D, bank=S, values=out_v, keys=out_k)
 
 
 def _take(a: np.ndarray, order: np.ndarray | None) -> np.ndarray:

@@ -131,10 +131,7 @@ def _once(rpc, req: pb.SearchRequest, queries: np.ndarray,
         p = buf.write(queries)
         req.queries.CopyFrom(pb.Tensor(dtype=pb.FLOAT32, shape=p.shape, buffer_offset=p.offset))
     else:
-        try:
-            req.queries.CopyFrom(encode(queries))
-        except InvalidArgument as e:
-            raise InvalidArgument(f"queries: {e}") from None
+        req.queries.CopyFrom(encode(queries, "queries"))
     blocks: dict[str, list] = {f: [] for f in FIELDS}
     for msg in rpc(req):
         streams.check_offset(msg.get("offset", 0), blocks["ids"], "Search")

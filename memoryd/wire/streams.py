@@ -77,20 +77,11 @@ def write_stream(message_type, target: str, name: str,
     raised while it iterates a request stream (the call fails as UNKNOWN), so
     a bad dtype must raise in the caller. Later blocks share its dtypes.
     """
-    messages = (message_type(**{target: name if i == 0 else ""}, **_encoded(block))
+    messages = (message_type(**{target: name if i == 0 else ""},
+                             **{field: encode(a, field) for field, a in block.items()})
                 for i, block in enumerate(row_chunks(arrays)))
     first = next(messages)
     return itertools.chain([first], messages)
-
-
-def _encoded(arrays: dict[str, np.ndarray]) -> dict:
-    out = {}
-    for field, a in arrays.items():
-        try:
-            out[field] = encode(a)
-        except InvalidArgument as e:
-            raise InvalidArgument(f"{field}: {e}") from None
-    return out
 
 
 def collect(requests: Iterable, rpc: str, required_fields: tuple[str, ...],

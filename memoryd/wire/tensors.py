@@ -30,11 +30,12 @@ MAX_DIM = 1 << 40             # no tensor dimension (nor product of the non-zero
 MAX_NDIM = 16
 
 
-def encode(a: np.ndarray) -> pb.Tensor:
-    """numpy -> Tensor (little-endian, C order)."""
+def encode(a: np.ndarray, what: str | None = None) -> pb.Tensor:
+    """numpy -> Tensor (little-endian, C order); `what` names the field in the error."""
     dt = a.dtype.newbyteorder("=") if a.dtype.byteorder not in "=|" else a.dtype
     if dt not in TO_PB:
-        raise InvalidArgument(f"cannot send dtype {a.dtype} over the wire")
+        raise InvalidArgument(f"{what + ': ' if what else ''}cannot send dtype {a.dtype} "
+                              "over the wire")
     a = np.asarray(a, dtype=dt, order="C")  # (ascontiguousarray would make 0-d 1-d)
     return pb.Tensor(dtype=TO_PB[dt], shape=a.shape, data=a.tobytes())
 
