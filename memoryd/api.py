@@ -159,6 +159,38 @@ class BankQuery:
 
 
 @dataclass(frozen=True)
+class RowStacks:
+    """Per-row bank stacks for ONE search: query rows are taken in consecutive
+    groups, group i (the next `rows[i]` rows) searching `stacks[i]`.
+
+        RowStacks(stacks=[["s-doc0", "base"], ["s-doc1", "base"]], rows=[T*H, T*H])
+
+    The result equals concatenating search(stacks[i], queries[group i], k)
+    over the groups, row for row: ids, scores, values, keys, and `bank`, which
+    indexes into each row's own stack. Every stack follows bank_list's rules;
+    all banks of all stacks share dim and metric (and value_dim, with values).
+    A bank named by several stacks is searched once for all of its rows.
+    """
+
+    stacks: tuple[tuple[BankQuery, ...], ...]
+    rows: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stacks", tuple(tuple(bank_list(s)) for s in self.stacks))
+        object.__setattr__(self, "rows", tuple(self.rows))
+        if not self.stacks or len(self.rows) != len(self.stacks):
+            raise InvalidArgument(f"row stacks need one row count per stack; got "
+                                  f"{len(self.stacks)} stacks and {len(self.rows)} counts")
+        if not all(int_ok(r) and r >= 0 for r in self.rows):
+            raise InvalidArgument(f"row counts must be non-negative integers; got {list(self.rows)!r}")
+        object.__setattr__(self, "rows", tuple(int(r) for r in self.rows))
+
+    @property
+    def nq(self) -> int:
+        return sum(self.rows)
+
+
+@dataclass(frozen=True)
 class SessionSpec:
     """What OpenSession asks for: the session bank's shape, lifetime and quota."""
 
@@ -294,8 +326,8 @@ class DataPlane(Protocol):
 
     def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None, *,
             caller: Caller | None = None) -> np.ndarray: ...
-    def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
-               values: bool = True, keys: bool = False, *,
+    def search(self, banks: str | BankQuery | Sequence[str | BankQuery] | RowStacks,
+               queries: Any, k: int, values: bool = True, keys: bool = False, *,
                caller: Caller | None = None) -> SearchResult: ...
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False, *,
             caller: Caller | None = None) -> GetResult: ...
