@@ -2,9 +2,11 @@
 
     mem = MemoryClient("unix:///run/memoryd.sock")  # or memoryd.engine.LocalMemory("data")
     attn = KNNAttention(input_dim=512, key_dim=128, value_dim=64, num_heads=8, topk=32,
-                        memory=mem, banks=["base", "med"])
+                        memory=mem, banks=[BankQuery("med", bias=0.05, k=8), "base"],
+                        value_tables={"base": 2**20, "med": 16384})
     y = attn(x)                  # (B, T, 512) -> (B, T, 8*64), or (B, T, out_dim)
-    loss.backward()              # gradients reach the query projection, scale, gate (and table)
+    y = attn(x, row_banks=sids)  # + each batch row's own bank (a session), still ONE search
+    loss.backward()              # gradients reach the query projection, scale, gate (and tables)
     attn.remember(x, bank="session-42")   # write path: append keys/values of x
 
 Forward, per head h (the seed's idea, implemented as meant):
@@ -26,13 +28,22 @@ Keys in banks are unit vectors, so an l2 bank (squared distance 2 - 2 q.k) and
 an ip bank rank the same way, and `scale_h * (q . k)` is the seed's
 `sqrt_dk - d2 * sqrt_dk / 2` with scale_h = sqrt(key_dim) at init.
 
-Values come from the memory (frozen: no gradient), or, with
-`trainable_values=ntotal`, from a trainable table of ntotal rows (a sparse
-nn.Embedding, as product-key memory does) that backs the FIRST bank named:
-the ids that bank returns (0..ntotal-1, see `create_base_bank`) index the
-table's rows and gradients flow into it. Results from the other banks keep
-their memory values. `push_values` writes the trained table into the bank when
-training ends; `load_values` reads it back.
+Banks: a stack of names or `BankQuery(name, k=, bias=, include=)`, with the
+semantics of `MemoryBackend.search` (each bank's own k, a score bias in its
+favour, banks left out but kept in place). `row_banks=` at forward adds one
+bank (or stack) per batch row after the shared ones: one search with
+per-row stacks (api.RowStacks), e.g. B documents each with its own session.
+
+Values come from the memory (frozen: no gradient), or, for any bank named in
+`value_tables={bank: ntotal}`, from a trainable table of ntotal rows (a
+sparse nn.Embedding, as product-key memory does): the ids that bank returns
+(0..ntotal-1, see `create_base_bank`) index the table's rows and gradients
+flow into it. Each bank has its own table, so a frozen base table and a
+training domain table sit side by side (`value_table("base").weight
+.requires_grad_(False)`); `push_values(bank=)` writes a trained table into
+its bank, `load_values(bank=)` reads it back; `bind(banks=)` re-binds the
+module in place and keeps the tables by bank name. (`trainable_values=N` is
+short for `value_tables={banks[0]: N}`.)
 
 Gate: with `gate=True` a zero-initialised vector g (one entry per output
 feature) scales the output, y = tanh(g) * out, so inserting the layer into a
@@ -41,15 +52,17 @@ gradient is `out`, so it opens on the first step).
 
 The first forward reads the bound banks' specs once (`check_banks`: dims, the
 metric, whether they are product-key banks, whose key vectors are then rebuilt
-from ids instead of fetched); every forward after that is one memory request.
+from ids instead of fetched); a row bank's spec is read the first time it is
+named. Every forward after that is one memory request.
 
-The bank binding (names of the banks read) is explicit configuration, kept in
-the state dict as extra state. Loading a state dict saved for other banks
-raises; nothing here ever creates or re-binds a bank silently.
+The bank binding (the stack read) is explicit configuration, kept in the
+state dict as extra state. Loading a state dict saved for other banks raises;
+nothing here ever creates or re-binds a bank silently.
 """
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from typing import Any, Sequence
@@ -60,63 +73,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from knnlayer import bank_tools
+from knnlayer.config import (KNNAttentionConfig, RowBanks, Stack, as_query, query_dict,
+                             table_key)
 from knnlayer.retrieval import BankFacts, Retrieved, bank_facts, retrieve, search_pool
-from memoryd.api import MAX_K, MemoryBackend
+from memoryd.api import BankQuery, BankSpec, MemoryBackend, RowStacks
 
-EXTRA_STATE_FORMAT = 1
+__all__ = ["KNNAttention", "KNNAttentionConfig", "Pending", "RowBanks", "masked_softmax"]
 
-
-@dataclass
-class KNNAttentionConfig:
-    input_dim: int
-    key_dim: int
-    value_dim: int
-    num_heads: int = 1
-    topk: int = 32
-    banks: tuple[str, ...] = ()           # banks read by forward, in this order
-    out_dim: int | None = None            # None: no output projection, y is (..., H*value_dim)
-    gate: bool = False                    # y = tanh(gate) * out, gate zero-initialised
-    learn_scale: bool = True              # per-head scale trainable (else a fixed buffer)
-    scale_init: float | None = None       # None: sqrt(key_dim), as the seed
-    trainable_values: int = 0             # >0: a table of that many rows backs banks[0]
-    sparse_values: bool = True            # the table's gradient is sparse (use SparseAdam/SGD)
-    bias: bool = False                    # bias in the query / output projections
-    eps: float = 1e-6                     # L2-normalisation floor
-
-    def __post_init__(self) -> None:
-        if isinstance(self.banks, str):
-            self.banks = (self.banks,)
-        self.banks = tuple(self.banks)
-        for name in ("input_dim", "key_dim", "value_dim", "num_heads"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer; got {v!r}")
-        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or not 1 <= self.topk <= MAX_K:
-            raise ValueError(f"topk must be an integer in 1..{MAX_K}; got {self.topk!r}")
-        if not self.banks or not all(isinstance(b, str) and b for b in self.banks):
-            raise ValueError(f"banks must name at least one bank; got {self.banks!r}")
-        if len(set(self.banks)) != len(self.banks):
-            raise ValueError(f"a bank is named twice: {list(self.banks)}")
-        if self.out_dim is not None and self.out_dim < 1:
-            raise ValueError(f"out_dim must be positive or None; got {self.out_dim!r}")
-        if self.trainable_values < 0:
-            raise ValueError(f"trainable_values must be >= 0; got {self.trainable_values!r}")
-
-    @property
-    def out_features(self) -> int:
-        return self.out_dim if self.out_dim is not None else self.num_heads * self.value_dim
+EXTRA_STATE_FORMAT = 2          # 1: {"banks": [names]}; 2: + options of each bank
+ROW_SPECS = 4096                # row banks (sessions) whose specs are kept, least recent out
 
 
 class KNNAttention(nn.Module):
     """Multi-head attention over the top-k entries of external memory banks."""
 
+    config_class = KNNAttentionConfig
+
     def __init__(self, config: KNNAttentionConfig | None = None, *,
                  memory: MemoryBackend | None = None, **kwargs: Any):
         super().__init__()
         if config is None:
-            config = KNNAttentionConfig(**kwargs)
+            config = self.config_class(**kwargs)
         elif kwargs:
-            raise TypeError("pass either a KNNAttentionConfig or keyword fields, not both")
+            raise TypeError("pass either a config or keyword fields, not both")
         self.config = config
         self.memory = memory
         c = config
@@ -128,32 +107,42 @@ class KNNAttention(nn.Module):
             self.scale = nn.Parameter(scale)                      # (H,)
         else:
             self.register_buffer("scale", scale)                  # (H,)
-        self.value_table = (nn.Embedding(c.trainable_values, dv, sparse=c.sparse_values)
-                            if c.trainable_values else None)      # weight (ntotal, dv)
+        self.value_tables = nn.ModuleDict()                       # table key -> weight (rows, dv)
+        for bank, rows in c.value_tables.items():
+            self.value_tables[table_key(bank)] = nn.Embedding(rows, dv, sparse=c.sparse_values)
         self.out_proj = nn.Linear(H * dv, c.out_dim, bias=c.bias) if c.out_dim else None
         self.gate = nn.Parameter(torch.zeros(c.out_features)) if c.gate else None  # (F,)
         # write path (remember): its outputs are stored detached
         self.key_proj = nn.Linear(c.input_dim, dk, bias=c.bias)
         self.value_proj = nn.Linear(c.input_dim, dv, bias=c.bias)
-        self._facts: BankFacts | None = None      # learnt by check_banks, on first use
+        self._specs: dict[str, BankSpec] = {}              # shared banks' specs, on first use
+        self._row_specs: OrderedDict[str, BankSpec] = OrderedDict()   # row banks', LRU
+        self._facts: dict[tuple, BankFacts] = {}
         # refuse a state dict of other banks before any of this module's tensors is copied
         self.register_load_state_dict_pre_hook(_check_bank_binding)
 
     # ---- binding -------------------------------------------------------------------
     @property
     def banks(self) -> list[str]:
-        return list(self.config.banks)
+        """Names of the shared stack, in order."""
+        return self.config.bank_names
 
-    def bind(self, memory: MemoryBackend | None = None, banks: Sequence[str] | None = None) -> None:
-        """Point the module at another memory and/or other banks, explicitly."""
+    def bind(self, memory: MemoryBackend | None = None,
+             banks: Sequence[str | BankQuery] | None = None) -> None:
+        """Point the module at another memory and/or another stack, in place.
+
+        Value tables stay, by bank name: a table whose bank leaves the stack is
+        kept (and used again once the bank is back)."""
         if memory is not None:
             self.memory = memory
+            self._row_specs.clear()
         if banks is not None:
-            self.config = replace(self.config, banks=tuple(banks))  # re-validated
-        self._facts = None
+            self.config = replace(self.config, banks=tuple(banks), trainable_values=0)
+        self._specs.clear()
+        self._facts.clear()
 
     def check_banks(self) -> BankFacts:
-        """Read the bound banks' specs; raise ValueError unless each fits this
+        """Read the shared banks' specs; raise ValueError unless each fits this
         module (dim, value_dim) and all share a metric.
 
         The first forward calls it by itself (one bank_info per bank, once);
@@ -161,13 +150,31 @@ class KNNAttention(nn.Module):
         q . k off the scores) and whether all banks are product-key banks,
         whose key vectors are then rebuilt from ids instead of fetched.
         """
-        c = self.config
-        table_only = self.value_table is not None and len(c.banks) == 1
-        self._facts = bank_facts(self._memory(), c.banks, c.key_dim, c.value_dim, table_only)
-        return self._facts
+        self._specs.clear()
+        self._facts.clear()
+        return self._bank_facts(())
 
-    def _bank_facts(self) -> BankFacts:
-        return self._facts if self._facts is not None else self.check_banks()
+    def _bank_facts(self, row_names: Sequence[str]) -> BankFacts:
+        key = tuple(sorted(set(row_names)))
+        facts = self._facts.get(key)
+        if facts is None:
+            specs = [self._spec(n, self._specs) for n in self.banks]
+            specs += [self._spec(n, self._row_specs) for n in key]
+            facts = bank_facts(specs, self.config.key_dim, self.config.value_dim,
+                               frozenset(self.config.value_tables), plain=not row_names)
+            if not row_names:         # per-row sets change with every batch: not kept
+                self._facts[key] = facts
+        return facts
+
+    def _spec(self, name: str, cache: dict[str, BankSpec]) -> BankSpec:
+        spec = cache.get(name)
+        if spec is None:
+            spec = cache[name] = self._memory().bank_info(name).spec
+            if isinstance(cache, OrderedDict) and len(cache) > ROW_SPECS:
+                cache.popitem(last=False)
+        elif isinstance(cache, OrderedDict):
+            cache.move_to_end(name)
+        return spec
 
     def _memory(self) -> MemoryBackend:
         if self.memory is None:
@@ -175,7 +182,8 @@ class KNNAttention(nn.Module):
         return self.memory
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"format": EXTRA_STATE_FORMAT, "banks": list(self.config.banks)}
+        return {"format": EXTRA_STATE_FORMAT, "banks": self.banks,
+                "stack": [query_dict(b) for b in self.config.banks]}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._check_saved_banks(state)
@@ -189,10 +197,11 @@ class KNNAttention(nn.Module):
                 f"module with banks={saved} (or call bind(banks=...)) before loading")
 
     # ---- forward ---------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.finish(self.start(x, background=False))
+    def forward(self, x: torch.Tensor, row_banks: RowBanks | None = None) -> torch.Tensor:
+        return self.finish(self.start(x, row_banks=row_banks, background=False))
 
-    def start(self, x: torch.Tensor, *, background: bool = True) -> "Pending":
+    def start(self, x: torch.Tensor, *, row_banks: RowBanks | None = None,
+              background: bool = True) -> "Pending":
         """Project x to queries and send the one memory search for all of them.
 
         With background=True the search runs on a worker thread (FAISS and gRPC
@@ -205,30 +214,47 @@ class KNNAttention(nn.Module):
         """
         c = self.config
         q = self.queries(x.reshape(-1, c.input_dim))              # (N, H, dk), N = B*T
+        stack = self._stack(x.shape[0] if x.dim() > 1 else 1,
+                            math.prod(x.shape[1:-1]), row_banks)
         # key vectors only when a gradient must reach q through q . k
         keys = torch.is_grad_enabled() and q.requires_grad
         if background:
-            retrieved = search_pool().submit(self.retrieve, q.detach(), keys)
+            retrieved = search_pool().submit(self._retrieve, stack, q.detach(), keys)
         else:
             retrieved = Future()
-            retrieved.set_result(self.retrieve(q.detach(), keys))
+            retrieved.set_result(self._retrieve(stack, q.detach(), keys))
         return Pending(lead=tuple(x.shape[:-1]), q=q, retrieved=retrieved)
 
     def finish(self, pending: "Pending") -> torch.Tensor:
         """The attention output (B, T, F) for a `start`ed search."""
+        out = self.attend(pending.q, pending.retrieved.result())  # (N, H, dv)
         c = self.config
-        q, r = pending.q, pending.retrieved.result()              # q: (N, H, dk)
+        return self.project(out.reshape(*pending.lead, c.num_heads * c.value_dim))  # (B, T, F)
+
+    def read(self, q: torch.Tensor, row_banks: RowBanks | None = None) -> torch.Tensor:
+        """The memory readout (N, H, dv) of unit queries q (N, H, dk): per head, the
+        softmax-weighted values of the top-k, before out_proj and gate."""
+        stack = self._stack(q.shape[0], 1, row_banks)    # row_banks[n]: q[n]
+        keys = torch.is_grad_enabled() and q.requires_grad
+        return self.attend(q, self._retrieve(stack, q.detach(), keys))
+
+    def attend(self, q: torch.Tensor, r: Retrieved) -> torch.Tensor:
+        """Per-head attention (N, H, dv) over retrieved results, for queries q (N, H, dk)."""
+        weights = masked_softmax(self.memory_logits(q, r), r.mask)   # (N, H, k)
+        return torch.einsum("nhk,nhkv->nhv", weights, self.gather_values(r))  # (N, H, dv)
+
+    def memory_logits(self, q: torch.Tensor, r: Retrieved) -> torch.Tensor:
+        """scale_h * q . k (N, H, k) of the retrieved keys (masked entries arbitrary)."""
         qk = (torch.einsum("nhd,nhkd->nhk", q, r.keys) if r.keys is not None
               else r.qk)                                          # (N, H, k)
-        logits = self.scale[:, None] * qk                         # (N, H, k)
-        weights = masked_softmax(logits, r.mask)                  # (N, H, k)
-        values = self.gather_values(r)                            # (N, H, k, dv)
-        out = torch.einsum("nhk,nhkv->nhv", weights, values)      # (N, H, dv)
-        out = out.reshape(*pending.lead, c.num_heads * c.value_dim)  # (B, T, H*dv)
+        return self.scale[:, None] * qk                           # (N, H, k)
+
+    def project(self, out: torch.Tensor) -> torch.Tensor:
+        """(..., H*dv) -> [out_proj] -> [tanh(gate) *] (..., F)."""
         if self.out_proj is not None:
-            out = self.out_proj(out)                              # (B, T, out_dim)
+            out = self.out_proj(out)                              # (..., out_dim)
         if self.gate is not None:
-            out = torch.tanh(self.gate) * out                     # (B, T, F)
+            out = torch.tanh(self.gate) * out                     # (..., F)
         return out
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
@@ -237,25 +263,53 @@ class KNNAttention(nn.Module):
         q = self.q_proj(x).view(-1, c.num_heads, c.key_dim)       # (N, H, dk)
         return F.normalize(q, dim=-1, eps=c.eps)                  # (N, H, dk)
 
-    def retrieve(self, q: torch.Tensor, keys: bool = True) -> Retrieved:
+    def _stack(self, batch: int, positions: int, row_banks: RowBanks | None) -> "Stack":
+        """The search's banks for `batch` rows of `positions` inputs each: the
+        shared stack, or per-row stacks [*shared, *row_banks[b]] for row b."""
+        shared = self.config.banks
+        if row_banks is None:
+            if not shared:
+                raise ValueError("this KNNAttention has no banks: bind(banks=...) or pass row_banks")
+            return Stack(shared, None)
+        if isinstance(row_banks, (str, BankQuery)) or len(row_banks) != batch:
+            raise ValueError(f"row_banks needs one bank (or stack) per batch row: {batch}; "
+                             f"got {row_banks!r}")
+        per_row = [tuple(as_query(b) for b in ([r] if isinstance(r, (str, BankQuery)) else r))
+                   for r in row_banks]
+        rows = positions * self.config.num_heads                  # query rows per batch row
+        return Stack(shared, RowStacks(stacks=[shared + r for r in per_row],
+                                       rows=[rows] * len(per_row)))
+
+    def _retrieve(self, stack: "Stack", q: torch.Tensor, keys: bool) -> Retrieved:
         """One memory.search for all N*H queries q (N, H, dk) (knnlayer.retrieval.retrieve):
         with key vectors when keys, else with q . k read off the scores."""
         c = self.config
-        use_table = self.value_table is not None
-        return retrieve(self._memory(), c.banks, self._bank_facts, q, c.topk, c.value_dim,
-                        keys=keys, values=not use_table or len(c.banks) > 1,
-                        table_rows=self.value_table.num_embeddings if use_table else None,
-                        dtype=self._dtype())
+        tables = {i: c.value_tables[b.name] for i, b in enumerate(c.banks)
+                  if b.name in c.value_tables and b.include}
+        all_tabled = stack.rows is None and len(tables) == sum(b.include for b in c.banks)
+        return retrieve(self._memory(), stack.rows or list(stack.shared),
+                        lambda: self._bank_facts(stack.row_names()), q, c.topk, c.value_dim,
+                        keys=keys, values=not all_tabled, tables=tables, dtype=self._dtype())
+
+    def retrieve(self, q: torch.Tensor, keys: bool = True) -> Retrieved:
+        """The shared stack's top-k for queries q (N, H, dk) (see `_retrieve`)."""
+        return self._retrieve(self._stack(q.shape[0], 1, None), q, keys)
 
     def gather_values(self, r: Retrieved) -> torch.Tensor:
-        """Values (N, H, k, dv) of the retrieved rows: the table's (trainable) or memory's."""
-        if self.value_table is None:
-            return r.values                                       # (N, H, k, dv), no grad
-        w = self.value_table.weight
-        rows = torch.where(r.from_table, r.ids, torch.zeros_like(r.ids))       # (N, H, k)
-        table = F.embedding(rows, w, sparse=self.value_table.sparse)          # (N, H, k, dv)
-        other = r.values if r.values is not None else torch.zeros_like(table)  # (N, H, k, dv)
-        return torch.where(r.from_table[..., None], table, other.to(table.dtype))  # (N, H, k, dv)
+        """Values (N, H, k, dv) of the retrieved rows: each table's (trainable) or memory's."""
+        c = self.config
+        out = r.values                                            # (N, H, k, dv) or None
+        for pos, b in enumerate(c.banks):
+            if b.name not in c.value_tables or not b.include:
+                continue
+            table = self.value_table(b.name)
+            mine = r.bank == pos                                  # (N, H, k)
+            rows = torch.where(mine, r.ids, torch.zeros_like(r.ids))             # (N, H, k)
+            vals = F.embedding(rows, table.weight, sparse=table.sparse)          # (N, H, k, dv)
+            if out is None:
+                out = torch.zeros_like(vals)
+            out = torch.where(mine[..., None], vals, out.to(vals.dtype))         # (N, H, k, dv)
+        return out
 
     def _dtype(self) -> torch.dtype:
         return self.q_proj.weight.dtype
@@ -269,35 +323,62 @@ class KNNAttention(nn.Module):
         Returns the new ids, shaped like x without its last dim (e.g. (B, T)).
         """
         c = self.config
-        lead = x.shape[:-1]
         flat = x.reshape(-1, c.input_dim)                                      # (B*T, D)
         keys = F.normalize(self.key_proj(flat), dim=-1, eps=c.eps)             # (B*T, dk)
-        values = self.value_proj(flat)                                         # (B*T, dv)
-        ids = self._memory().add(bank, keys.float(), values.float())           # (B*T,)
-        return np.asarray(ids).reshape(lead)
+        return self._write(bank, keys, self.value_proj(flat), x.shape[:-1])
+
+    def _write(self, bank: str, keys: torch.Tensor, values: torch.Tensor,
+               lead: Sequence[int]) -> np.ndarray:
+        ids = self._memory().add(bank, keys.detach().float().cpu(),
+                                 values.detach().float().cpu())                # (n,)
+        return np.asarray(ids).reshape(tuple(lead))
 
     # ---- base banks and trainable values (knnlayer.bank_tools) ----------------------
     create_base_bank = staticmethod(bank_tools.create_base_bank)
 
-    def _table(self) -> nn.Embedding:
-        if self.value_table is None:
-            raise RuntimeError("this KNNAttention has no trainable value table (trainable_values=0)")
-        return self.value_table
+    def value_table(self, bank: str | None = None) -> nn.Embedding:
+        """The trainable table backing `bank` (default: the first bank that has one)."""
+        tables = self.config.value_tables
+        if bank is None:
+            bank = next((b for b in self.banks if b in tables), next(iter(tables), None))
+        if bank is None or bank not in tables:
+            raise KeyError(f"no trainable value table backs bank {bank!r}; tables: {list(tables)}")
+        return self.value_tables[table_key(bank)]
+
+    def add_value_table(self, bank: str, rows: int) -> nn.Embedding:
+        """A new trainable table of `rows` zero rows backing `bank` (fill it with
+        load_values(bank=...)); it lands on this module's device and dtype."""
+        if bank in self.config.value_tables:
+            raise ValueError(f"bank '{bank}' already has a value table")
+        tables = {**self.config.value_tables, bank: rows}
+        self.config = replace(self.config, value_tables=tables, trainable_values=0)
+        w = self.q_proj.weight
+        table = nn.Embedding(rows, self.config.value_dim, sparse=self.config.sparse_values)
+        nn.init.zeros_(table.weight)
+        self.value_tables[table_key(bank)] = table.to(w.device, w.dtype)
+        self._facts.clear()
+        return self.value_tables[table_key(bank)]
 
     def push_values(self, memory: MemoryBackend | None = None, bank: str | None = None) -> int:
-        """Write the trained table into `bank` (default banks[0]); returns rows updated."""
-        return bank_tools.push_values(memory or self._memory(), bank or self.config.banks[0],
-                                      self._table().weight)
+        """Write the trained table of `bank` into that bank; returns rows updated."""
+        table = self.value_table(bank)
+        return bank_tools.push_values(memory or self._memory(), bank or self._table_bank(table),
+                                      table.weight)
 
     def load_values(self, memory: MemoryBackend | None = None, bank: str | None = None) -> None:
-        """Copy the values of ids 0..ntotal-1 of `bank` (default banks[0]) into the table."""
-        bank_tools.load_values(memory or self._memory(), bank or self.config.banks[0],
-                               self._table().weight)
+        """Copy the values of ids 0..ntotal-1 of `bank` into its table."""
+        table = self.value_table(bank)
+        bank_tools.load_values(memory or self._memory(), bank or self._table_bank(table),
+                               table.weight)
+
+    def _table_bank(self, table: nn.Embedding) -> str:
+        return next(b for b in self.config.value_tables
+                    if self.value_tables[table_key(b)] is table)
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"heads={c.num_heads}, key_dim={c.key_dim}, value_dim={c.value_dim}, topk={c.topk}, "
-                f"banks={list(c.banks)}, table={c.trainable_values or None}, gate={c.gate}")
+                f"banks={self.banks}, tables={c.value_tables or None}, gate={c.gate}")
 
 
 def _check_bank_binding(module: KNNAttention, state_dict: dict, prefix: str, *args: Any) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from memoryd.api import BankSpec
+from memoryd.api import BankQuery, BankSpec
 from knnlayer.attention import KNNAttention, KNNAttentionConfig, masked_softmax
 from knnlayer.retrieval import to_device
 
@@ -178,7 +178,7 @@ def test_gradcheck_float64_through_recomputed_scores(mem):
                         out_dim=3, gate=True).double()
     with torch.no_grad():
         attn.gate.fill_(0.5)
-    names = ["q_proj.weight", "scale", "value_table.weight", "out_proj.weight", "gate"]
+    names = ["q_proj.weight", "scale", "value_tables.base.weight", "out_proj.weight", "gate"]
     params = dict(attn.named_parameters())
 
     def f(x, *ps):
@@ -206,15 +206,15 @@ def test_training_updates_projection_and_table_never_the_bank(mem):
     n = 20
     base = ["base", "dom"]
     attn = layer(mem, base, topk=6, trainable_values=n, out_dim=4)
-    KNNAttention.create_base_bank(mem, "base", n, DK, DV, values=attn.value_table.weight, seed=6)
+    KNNAttention.create_base_bank(mem, "base", n, DK, DV, values=attn.value_table().weight, seed=6)
     make_bank(mem, "dom", 10, seed=7)
     mem.freeze_bank("dom")
     before = {b: list(mem.export(b)) for b in base}
 
     dense_params = [p for name, p in attn.named_parameters() if not name.startswith("value_table")]
     opt = torch.optim.Adam(dense_params, lr=1e-2)
-    sparse_opt = torch.optim.SparseAdam(list(attn.value_table.parameters()), lr=1e-2)
-    table0 = attn.value_table.weight.detach().clone()
+    sparse_opt = torch.optim.SparseAdam(list(attn.value_table().parameters()), lr=1e-2)
+    table0 = attn.value_table().weight.detach().clone()
     q0 = attn.q_proj.weight.detach().clone()
     for _ in range(2):
         loss = attn(torch.randn(2, 3, D)).square().sum()
@@ -223,12 +223,12 @@ def test_training_updates_projection_and_table_never_the_bank(mem):
         loss.backward()
         assert attn.q_proj.weight.grad.abs().sum() > 0
         assert attn.scale.grad.abs().sum() > 0
-        g = attn.value_table.weight.grad
+        g = attn.value_table().weight.grad
         assert g.is_sparse and g.coalesce().values().abs().sum() > 0
         opt.step()
         sparse_opt.step()
     assert not torch.equal(attn.q_proj.weight, q0)
-    assert not torch.equal(attn.value_table.weight, table0)
+    assert not torch.equal(attn.value_table().weight, table0)
     # the backward and the steps never touched the memory
     for b in base:
         after = list(mem.export(b))
@@ -240,10 +240,10 @@ def test_training_updates_projection_and_table_never_the_bank(mem):
     # training done: push the table into the bank, read it back into a fresh layer
     assert attn.push_values() == n
     got = mem.get("base", np.arange(n), values=True)
-    np.testing.assert_allclose(got.values, attn.value_table.weight.detach().numpy(), rtol=0, atol=0)
+    np.testing.assert_allclose(got.values, attn.value_table().weight.detach().numpy(), rtol=0, atol=0)
     fresh = layer(mem, base, topk=6, trainable_values=n, out_dim=4, seed=99)
     fresh.load_values()
-    torch.testing.assert_close(fresh.value_table.weight, attn.value_table.weight, rtol=0, atol=0)
+    torch.testing.assert_close(fresh.value_table().weight, attn.value_table().weight, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("banks", [["base"], ["base", "dom"], ["dom", "base"]])
@@ -407,7 +407,7 @@ def test_state_dict_round_trip(mem):
     buf = io.BytesIO()
     torch.save(attn.state_dict(), buf)
     state = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
-    for key in ("q_proj.weight", "scale", "gate", "value_table.weight", "out_proj.weight",
+    for key in ("q_proj.weight", "scale", "gate", "value_tables.base.weight", "out_proj.weight",
                 "key_proj.weight", "value_proj.weight", "_extra_state"):
         assert key in state, key
     assert state["_extra_state"]["banks"] == ["base"]
@@ -421,7 +421,8 @@ def test_state_dict_round_trip(mem):
     x = torch.randn(2, D)
     torch.testing.assert_close(other(x), attn(x), rtol=0, atol=0)
 
-    wrong = layer(mem, ["elsewhere"], **kw)
+    # a module of other banks (its table kept for "base", the bank it is not bound to)
+    wrong = layer(mem, ["elsewhere"], topk=4, value_tables={"base": n}, gate=True, out_dim=6)
     before = {k: v.clone() for k, v in wrong.state_dict().items() if torch.is_tensor(v)}
     with pytest.raises(ValueError, match=r"saved bound to banks \['base'\].*\['elsewhere'\]"):
         wrong.load_state_dict(state)
@@ -450,12 +451,23 @@ def test_fixed_scale_is_a_buffer():
 def test_config_validation():
     with pytest.raises(ValueError, match="topk"):
         KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, topk=0, banks=("m",))
-    with pytest.raises(ValueError, match="banks"):
-        KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, banks=())
+    with pytest.raises(ValueError, match="banks must be bank names"):
+        KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, banks=("m", 3))
     with pytest.raises(ValueError, match="twice"):
-        KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, banks=("m", "m"))
-    cfg = KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, num_heads=2, banks="m")
-    assert cfg.banks == ("m",) and cfg.out_features == 8
+        KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, banks=("m", BankQuery("m", k=2)))
+    with pytest.raises(ValueError, match="k of bank 'm'"):
+        KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, banks=(BankQuery("m", k=0),))
+    with pytest.raises(ValueError, match="name a bank"):
+        KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, trainable_values=3)
+    with pytest.raises(ValueError, match="positive row count"):
+        KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, value_tables={"m": 0})
+    cfg = KNNAttentionConfig(input_dim=4, key_dim=4, value_dim=4, num_heads=2, banks="m",
+                             trainable_values=5)
+    assert cfg.banks == (BankQuery("m"),) and cfg.out_features == 8
+    assert cfg.value_tables == {"m": 5}
+    # no shared banks: forward needs row banks
+    with pytest.raises(ValueError, match="no banks"):
+        KNNAttention(input_dim=4, key_dim=4, value_dim=4, memory=object())(torch.randn(1, 4))
     with pytest.raises(RuntimeError, match="no memory"):
         KNNAttention(cfg)(torch.randn(1, 4))
 
