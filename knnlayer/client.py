@@ -48,7 +48,7 @@ from memoryd.v1 import memory_pb2_grpc as pb_grpc
 from memoryd.wire import fastwire, status, streams
 from memoryd.wire import messages as msg
 from memoryd.wire import search as search_wire
-from memoryd.wire.channel import CHANNEL_OPTIONS, CLIENT_METADATA, grpc_target
+from memoryd.wire.channel import CLIENT_METADATA, CLIENT_OPTIONS, grpc_target
 from memoryd.wire.reply_pool import ReplyBufferPool
 from memoryd.wire.tensors import decode, encode
 
@@ -133,7 +133,7 @@ class MemoryClient:
         self.address = address
         self.timeout = timeout
         self.client_name = _client_name(client_name)
-        self._channel = grpc.insecure_channel(grpc_target(address), options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(grpc_target(address), options=CLIENT_OPTIONS)
         self._stub = pb_grpc.MemoryStub(self._channel)
         # Search replies are read by fastwire: zero-copy views of the message
         # bytes instead of protobuf objects (the same wire format).
@@ -245,11 +245,12 @@ class MemoryClient:
         req = pb.RemoveRequest(bank=bank, ids=encode(_as_ids(ids), "ids"))
         return self._stub.Remove(req, **self._opts(caller)).removed
 
-    def search(self, banks: str | api.BankQuery | Sequence[str | api.BankQuery], queries: Any,
-               k: int, values: bool = True, keys: bool = False, *,
+    def search(self, banks: str | api.BankQuery | Sequence[str | api.BankQuery] | api.RowStacks,
+               queries: Any, k: int, values: bool = True, keys: bool = False, *,
                caller: Caller | None = None) -> api.SearchResult:
-        # The shared checks: a bad k or stack must not reach int32/double packing.
-        stack = api.bank_list(banks)
+        # The shared checks: a bad k or stack must not reach int32/double packing
+        # (RowStacks checked its stacks when it was made).
+        stack = banks if isinstance(banks, api.RowStacks) else api.bank_list(banks)
         req = search_wire.request(stack, api.check_k(k), values, keys)
         opts = self._opts(caller)
         return search_wire.call(lambda r: self._search_stream(r, opts), req,

@@ -39,13 +39,21 @@ def _pad(a: np.ndarray, k: int, fill) -> np.ndarray:
     return np.pad(a, pad, constant_values=fill)
 
 
-def _merge(scores: list[np.ndarray], ids: list[np.ndarray], labels: list[int], k: int,
+def _label(label) -> np.int32 | np.ndarray:
+    """A part's label as np.full/np.where take it: one int for the whole part, or
+    (nq,) per-row labels (a row-stack search: each row's own stack) as (nq, 1)."""
+    if np.ndim(label) == 0:
+        return np.int32(label)
+    return np.asarray(label, np.int32).reshape(-1, 1)
+
+
+def _merge(scores: list[np.ndarray], ids: list[np.ndarray], labels: list, k: int,
            metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """(scores, ids, source, order) of the best k over parts of (nq, k_i) arrays;
     order (nq, k) indexes their concatenation (None: taken as they are)."""
     D = _pad(np.concatenate(scores, axis=1), k, 0)                            # (nq, >= k)
     I = _pad(np.concatenate(ids, axis=1), k, -1)                              # (nq, >= k)
-    S = _pad(np.concatenate([np.full(i.shape, s, np.int32) for i, s in zip(ids, labels)],
+    S = _pad(np.concatenate([np.full(i.shape, _label(s), np.int32) for i, s in zip(ids, labels)],
                             axis=1), k, 0)
     D, order = _order(D, I, k, metric, len(ids))
     D, I, S = (_take(a, order) for a in (D, I, S))
@@ -64,12 +72,13 @@ def merge_topk(parts: list[tuple[np.ndarray, np.ndarray]], sources: list[int], k
     return D, I, S
 
 
-def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
+def merge_results(parts: list[tuple[int | np.ndarray, SearchResult]], k: int, metric: str, *,
                   values_dtype: np.dtype | None, value_dim: int, keys: bool) -> SearchResult:
     """The best k of several parts' results, payload included, best first.
 
     parts: (source label, result) pairs; the merged `bank` is the label of the
-    part each result came from (-1 where missing). values_dtype: the values'
+    part each result came from (-1 where missing); a label is an int, or an
+    (nq,) array of per-row labels. values_dtype: the values'
     dtype in the merged result (None: no values); a part without values (a
     key-only bank) contributes zeros. keys: whether to merge keys (a part
     without them contributes zeros).
@@ -79,7 +88,7 @@ def merge_results(parts: list[tuple[int, SearchResult]], k: int, metric: str, *,
         vals = r.values
         if vals is not None and values_dtype is not None and vals.dtype != values_dtype:
             vals = vals.astype(values_dtype)
-        bank = np.where(r.ids >= 0, np.int32(label), np.int32(-1)).astype(np.int32)
+        bank = np.where(r.ids >= 0, _label(label), np.int32(-1)).astype(np.int32)
         scores = np.where(r.ids >= 0, r.scores, np.float32(worst(metric))).astype(np.float32)
         return SearchResult(ids=r.ids, scores=scores, bank=bank,
                             values=vals if values_dtype is not None else None,

@@ -24,9 +24,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from memoryd import api
-from memoryd.api import BankInfo, BankQuery, BankSpec, ExportChunk, GetResult, SearchResult
+from memoryd.api import (BankInfo, BankQuery, BankSpec, ExportChunk, GetResult, RowStacks,
+                         SearchResult)
 from memoryd.arrays import id_vector, matrix, value_dtype
 from memoryd.engine.catalog import Catalog
+from memoryd.engine.row_search import plan_rows, search_rows
 from memoryd.engine.searching import StackEntry, search_stack
 from memoryd.errors import BankFrozen, FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
 from memoryd.sizes import describe_size
@@ -255,13 +257,7 @@ class BankEngine:
         """One merged top-k over a stack normalised by api.bank_list, k checked by api.check_k."""
         chosen = [self.bank(b.name) for b in stack]   # excluded banks must exist too
         active = [i for i, b in enumerate(stack) if b.include]
-        first = chosen[active[0]].spec
-        for i in active[1:]:
-            spec = chosen[i].spec
-            if (spec.dim, spec.metric) != (first.dim, first.metric):
-                raise InvalidArgument(
-                    f"banks of one search must share dim and metric: '{first.name}' is "
-                    f"{first.dim}-d {first.metric}, '{spec.name}' is {spec.dim}-d {spec.metric}")
+        first = _shared_shape([chosen[i].spec for i in active])
         vdt, vdim = (common_values(chosen[i].spec for i in active) if values else (None, 0))
         q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
         with ExitStack() as locks:
@@ -271,6 +267,28 @@ class BankEngine:
                                   gather=chosen[i].gather,
                                   holds_values=chosen[i].spec.value_dim > 0) for i in active]
             return search_stack(entries, q, k, first.metric, vdt, vdim, keys, self._pool)
+
+    def search_rows(self, rs: RowStacks, queries: Any, k: int, values: bool = True,
+                    keys: bool = False) -> SearchResult:
+        """One top-k per query row over its own stack (api.RowStacks), each distinct
+        bank searched once for all the rows naming it; k checked by api.check_k."""
+        chosen = {b.name: self.bank(b.name) for s in rs.stacks for b in s}   # excluded too
+        active = list(dict.fromkeys(b.name for s in rs.stacks for b in s if b.include))
+        first = _shared_shape([chosen[n].spec for n in active])
+        vdt, vdim = (common_values(chosen[n].spec for n in active) if values else (None, 0))
+        q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
+        if len(q) != rs.nq:
+            raise InvalidArgument(f"row stacks cover {rs.nq} query rows ({len(rs.rows)} groups) "
+                                  f"but {len(q)} queries were sent: the rows must sum to nq")
+        if len(set(rs.stacks)) == 1:   # one stack for every row (B = 1): a plain search is it
+            return self.search(rs.stacks[0], q, k, values, keys)
+        with ExitStack() as locks:
+            for n in sorted(active):
+                locks.enter_context(chosen[n].lock.read())
+            plan = plan_rows(rs, lambda bq: StackEntry(
+                pos=-1, query=bq, searchers=chosen[bq.name].searchers(),
+                gather=chosen[bq.name].gather, holds_values=chosen[bq.name].spec.value_dim > 0))
+            return search_rows(plan, q, k, first.metric, vdt, vdim, keys, self._pool)
 
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult:
         b = self.bank(bank)
@@ -292,6 +310,17 @@ def _export(b: BankStore, chunk_rows: int) -> Iterator[ExportChunk]:
     with b.lock.read():
         chunks = list(b.export_chunks(chunk_rows))
     yield from chunks
+
+
+def _shared_shape(specs: list[BankSpec]) -> BankSpec:
+    """The first of the banks searched together, once all share its dim and metric."""
+    first = specs[0]
+    for spec in specs[1:]:
+        if (spec.dim, spec.metric) != (first.dim, first.metric):
+            raise InvalidArgument(
+                f"banks of one search must share dim and metric: '{first.name}' is "
+                f"{first.dim}-d {first.metric}, '{spec.name}' is {spec.dim}-d {spec.metric}")
+    return first
 
 
 def common_values(specs) -> tuple[np.dtype | None, int]:

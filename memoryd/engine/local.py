@@ -27,7 +27,8 @@ import numpy as np
 import memoryd
 from memoryd import api
 from memoryd.api import (BankInfo, BankQuery, BankSpec, Caller, ExportChunk, GetResult,
-                         PromoteResult, SearchResult, SessionInfo, SessionSpec, Stats, TenantInfo)
+                         PromoteResult, RowStacks, SearchResult, SessionInfo, SessionSpec, Stats,
+                         TenantInfo)
 from memoryd.engine.catalog import Catalog
 from memoryd.engine.banks import SEARCH_THREADS, BankEngine
 from memoryd.engine.sessions import SessionManager
@@ -139,14 +140,31 @@ class LocalMemory:
         self.sessions.touch([bank])    # a write to a session's bank is use, too
         return ids
 
-    def search(self, banks: str | BankQuery | Sequence[str | BankQuery], queries: Any, k: int,
-               values: bool = True, keys: bool = False, *,
+    def search(self, banks: str | BankQuery | Sequence[str | BankQuery] | RowStacks,
+               queries: Any, k: int, values: bool = True, keys: bool = False, *,
                caller: Caller | None = None) -> SearchResult:
+        if isinstance(banks, RowStacks):
+            return self._search_rows(banks, queries, k, values, keys, caller)
         stack = api.bank_list(banks)
         k = api.check_k(k)
         names = [self._visible(b.name) for b in stack]
         result = self.engine.search(stack, queries, k, values, keys)
         self.stacks.record((caller or LOCAL_CALLER).name, names)
+        self.sessions.touch(names)
+        return result
+
+    def _search_rows(self, rs: RowStacks, queries: Any, k: int, values: bool, keys: bool,
+                     caller: Caller | None) -> SearchResult:
+        """Per-row stacks: each distinct stack is logged, and each distinct bank
+        checked and touched, once per request."""
+        k = api.check_k(k)
+        names = list(dict.fromkeys(b.name for s in rs.stacks for b in s))
+        for name in names:
+            self._visible(name)
+        result = self.engine.search_rows(rs, queries, k, values, keys)
+        who = (caller or LOCAL_CALLER).name
+        for stack in dict.fromkeys(tuple(b.name for b in s) for s in rs.stacks):
+            self.stacks.record(who, list(stack))
         self.sessions.touch(names)
         return result
 

@@ -47,12 +47,7 @@ def search_stack(active: list[StackEntry], q: np.ndarray, k: int, metric: str,
 
     def run(job) -> SearchResult:
         e, searcher = job
-        remote = e.gather is None
-        r = searcher.search(q, e.query.k or k, values=values and remote, keys=keys and remote)
-        if e.query.bias:  # in the bank's favour: larger ip, smaller l2
-            shift = e.query.bias if metric == "ip" else -e.query.bias
-            r.scores = np.where(r.ids >= 0, r.scores + np.float32(shift), r.scores)
-        return r
+        return ask(e, searcher, q, k, metric, values, keys)
 
     results = [run(jobs[0])] if len(jobs) == 1 else list(pool.map(run, jobs))
     parts = [(e.pos, r) for (e, _), r in zip(jobs, results)]
@@ -79,6 +74,18 @@ def search_stack(active: list[StackEntry], q: np.ndarray, k: int, metric: str,
     if local and (values or keys):
         _gather_winners(out, local, values_dtype, value_dim, keys, q.shape[1])
     return out
+
+
+def ask(e: StackEntry, searcher: ShardSearch, q: np.ndarray, k: int, metric: str,
+        values: bool, keys: bool) -> SearchResult:
+    """One searcher's top-k for entry e's options (its k, its bias); the payload
+    only from a bank elsewhere (an in-process one is gathered after the merge)."""
+    remote = e.gather is None
+    r = searcher.search(q, e.query.k or k, values=values and remote, keys=keys and remote)
+    if e.query.bias:  # in the bank's favour: larger ip, smaller l2
+        shift = e.query.bias if metric == "ip" else -e.query.bias
+        r.scores = np.where(r.ids >= 0, r.scores + np.float32(shift), r.scores)
+    return r
 
 
 def _gather_winners(out: SearchResult, local: list[StackEntry], values_dtype: np.dtype | None,

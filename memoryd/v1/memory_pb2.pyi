@@ -55,7 +55,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., buffer_offset: _Optional[int] = ...) -> None: ...
 
 class BankSpec(_message.Message):
-    __slots__ = ("name", "kind", "dim", "value_dim", "value_dtype", "metric", "index", "shards", "quota_bytes", "tenant", "tier", "eviction")
+    __slots__ = ("name", "kind", "dim", "value_dim", "value_dtype", "metric", "index", "shards", "quota_bytes", "tenant", "tier", "eviction", "key_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class BankSpec(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     EVICTION_FIELD_NUMBER: _ClassVar[int]
+    KEY_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: BankKind
     dim: int
@@ -80,7 +81,8 @@ class BankSpec(_message.Message):
     tenant: str
     tier: str
     eviction: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[BankKind, str]] = ..., dim: _Optional[int] = ..., value_dim: _Optional[int] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., shards: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., tenant: _Optional[str] = ..., tier: _Optional[str] = ..., eviction: _Optional[str] = ...) -> None: ...
+    key_version: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[BankKind, str]] = ..., dim: _Optional[int] = ..., value_dim: _Optional[int] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., shards: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., tenant: _Optional[str] = ..., tier: _Optional[str] = ..., eviction: _Optional[str] = ..., key_version: _Optional[str] = ...) -> None: ...
 
 class BankInfo(_message.Message):
     __slots__ = ("spec", "count", "used_bytes", "frozen", "trained", "checksum", "created_at", "updated_at", "tier_bytes")
@@ -187,8 +189,16 @@ class BankQuery(_message.Message):
     exclude: bool
     def __init__(self, name: _Optional[str] = ..., k: _Optional[int] = ..., bias: _Optional[float] = ..., exclude: _Optional[bool] = ...) -> None: ...
 
+class RowStack(_message.Message):
+    __slots__ = ("stack", "rows")
+    STACK_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    stack: _containers.RepeatedCompositeFieldContainer[BankQuery]
+    rows: int
+    def __init__(self, stack: _Optional[_Iterable[_Union[BankQuery, _Mapping]]] = ..., rows: _Optional[int] = ...) -> None: ...
+
 class SearchRequest(_message.Message):
-    __slots__ = ("banks", "queries", "k", "values", "keys", "stack", "reply_buffer")
+    __slots__ = ("banks", "queries", "k", "values", "keys", "stack", "reply_buffer", "row_stacks")
     BANKS_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +206,7 @@ class SearchRequest(_message.Message):
     KEYS_FIELD_NUMBER: _ClassVar[int]
     STACK_FIELD_NUMBER: _ClassVar[int]
     REPLY_BUFFER_FIELD_NUMBER: _ClassVar[int]
+    ROW_STACKS_FIELD_NUMBER: _ClassVar[int]
     banks: _containers.RepeatedScalarFieldContainer[str]
     queries: Tensor
     k: int
@@ -203,7 +214,8 @@ class SearchRequest(_message.Message):
     keys: bool
     stack: _containers.RepeatedCompositeFieldContainer[BankQuery]
     reply_buffer: str
-    def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., values: _Optional[bool] = ..., keys: _Optional[bool] = ..., stack: _Optional[_Iterable[_Union[BankQuery, _Mapping]]] = ..., reply_buffer: _Optional[str] = ...) -> None: ...
+    row_stacks: _containers.RepeatedCompositeFieldContainer[RowStack]
+    def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., values: _Optional[bool] = ..., keys: _Optional[bool] = ..., stack: _Optional[_Iterable[_Union[BankQuery, _Mapping]]] = ..., reply_buffer: _Optional[str] = ..., row_stacks: _Optional[_Iterable[_Union[RowStack, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("offset", "ids", "scores", "bank", "values", "keys")

@@ -31,7 +31,7 @@ def spec_to_pb(s: api.BankSpec) -> pb.BankSpec:
         value_dim=s.value_dim, value_dtype=_DTYPE_NAME_TO_PB.get(s.value_dtype, 0),
         metric=_METRIC.get(s.metric, pb.METRIC_UNSPECIFIED), index=s.index,
         shards=s.shards, quota_bytes=-1 if s.quota_bytes is None else s.quota_bytes,
-        tenant=s.tenant, tier=s.tier, eviction=s.eviction)
+        tenant=s.tenant, tier=s.tier, eviction=s.eviction, key_version=s.key_version)
 
 
 def spec_from_pb(m: pb.BankSpec) -> api.BankSpec:
@@ -45,7 +45,8 @@ def spec_from_pb(m: pb.BankSpec) -> api.BankSpec:
         metric=_METRIC_BACK.get(m.metric, f"metric#{m.metric}") if m.metric else d.metric,
         index=m.index or d.index, shards=m.shards or d.shards,
         quota_bytes=None if m.quota_bytes < 0 else m.quota_bytes,
-        tenant=m.tenant or d.tenant, tier=m.tier or d.tier, eviction=m.eviction or d.eviction)
+        tenant=m.tenant or d.tenant, tier=m.tier or d.tier, eviction=m.eviction or d.eviction,
+        key_version=m.key_version)
 
 
 def info_to_pb(i: api.BankInfo) -> pb.BankInfo:
@@ -92,6 +93,17 @@ def bank_query_to_pb(q: api.BankQuery) -> pb.BankQuery:
 def bank_query_from_pb(m: pb.BankQuery) -> api.BankQuery:
     """k 0 = the search's k; a negative k is refused by the backend."""
     return api.BankQuery(name=m.name, k=m.k or None, bias=m.bias, include=not m.exclude)
+
+
+def row_stacks_to_pb(rs: api.RowStacks) -> list[pb.RowStack]:
+    return [pb.RowStack(stack=[bank_query_to_pb(q) for q in stack], rows=n)
+            for stack, n in zip(rs.stacks, rs.rows)]
+
+
+def row_stacks_from_pb(ms) -> api.RowStacks:
+    """InvalidArgument (api.RowStacks) for a bad stack or a negative row count."""
+    return api.RowStacks(stacks=[[bank_query_from_pb(q) for q in m.stack] for m in ms],
+                         rows=[m.rows for m in ms])
 
 
 # ---- sessions ------------------------------------------------------------------

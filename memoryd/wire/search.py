@@ -2,9 +2,11 @@
 through a reply buffer).
 
 Request: a stack of plain names travels as `banks`; a stack where some bank
-has options as `stack` (BankQuery messages). Queries travel inline, or, when
-the call names a reply buffer the client may write, at offset 0 of that
-buffer (Tensor.buffer_offset; the daemon copies them out first).
+has options as `stack` (BankQuery messages); per-row stacks (api.RowStacks)
+as `row_stacks` (RowStack messages, each a stack and its row count). Queries
+travel inline, or, when the call names a reply buffer the client may write,
+at offset 0 of that buffer (Tensor.buffer_offset; the daemon copies them out
+first).
 
 Reply: when the call names a reply buffer and the arrays fit, ONE message
 whose tensors carry buffer offsets (memoryd.wire.shm); otherwise messages of
@@ -14,7 +16,7 @@ byte-identical to protobuf, with the payload copied once.
 
     daemon:  decode_request(request, buffers) -> SearchCall
              encode_reply(result, buf) -> Iterator[bytes]
-    client:  request(stack, k, values, keys) -> pb.SearchRequest
+    client:  request(stack or row stacks, k, values, keys) -> pb.SearchRequest
              call(rpc, request, queries, pool) -> SearchResult
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ from memoryd import api, errors
 from memoryd.errors import InvalidArgument
 from memoryd.v1 import memory_pb2 as pb
 from memoryd.wire import fastwire, shm, streams
-from memoryd.wire.messages import bank_query_from_pb, bank_query_to_pb, is_plain
+from memoryd.wire.messages import (bank_query_from_pb, bank_query_to_pb, is_plain,
+                                   row_stacks_from_pb, row_stacks_to_pb)
 from memoryd.wire.reply_pool import ReplyBufferPool
 from memoryd.wire.tensors import FROM_PB, check_shape, encode, required
 
@@ -42,7 +45,7 @@ FIELDS = ("ids", "scores", "bank", "values", "keys")      # SearchResponse's ten
 class SearchCall:
     """A decoded SearchRequest: what the backend's search takes, and where to reply."""
 
-    stack: list[str | api.BankQuery]
+    stack: list[str | api.BankQuery] | api.RowStacks
     queries: np.ndarray
     k: int
     values: bool
@@ -51,11 +54,20 @@ class SearchCall:
 
 
 def decode_request(request: pb.SearchRequest, buffers: shm.ReplyBuffers) -> SearchCall:
-    stack = ([bank_query_from_pb(q) for q in request.stack] if request.stack
-             else list(request.banks))
     buf = buffers.get(request.reply_buffer) if request.reply_buffer else None
-    return SearchCall(stack=stack, queries=_queries(request, buf), k=request.k,
+    return SearchCall(stack=_stack(request), queries=_queries(request, buf), k=request.k,
                       values=request.values, keys=request.keys, buffer=buf)
+
+
+def _stack(request: pb.SearchRequest) -> list[str | api.BankQuery] | api.RowStacks:
+    if request.row_stacks:
+        if request.banks or request.stack:
+            raise InvalidArgument("SearchRequest: row_stacks replaces banks and stack; "
+                                  "send only one of them")
+        return row_stacks_from_pb(request.row_stacks)
+    if request.stack:
+        return [bank_query_from_pb(q) for q in request.stack]
+    return list(request.banks)
 
 
 def _queries(request: pb.SearchRequest, buf: shm.ReplyBufferFile | None) -> np.ndarray:
@@ -89,9 +101,13 @@ def encode_reply(r: api.SearchResult, buf: shm.ReplyBufferFile | None) -> Iterat
 
 # ---- client side ----------------------------------------------------------------------
 
-def request(stack: list[api.BankQuery], k: int, values: bool, keys: bool) -> pb.SearchRequest:
+def request(stack: list[api.BankQuery] | api.RowStacks, k: int, values: bool,
+            keys: bool) -> pb.SearchRequest:
     """The request without its queries; plain stacks travel as `banks` (what
-    older daemons understand)."""
+    older daemons understand), per-row stacks as `row_stacks`."""
+    if isinstance(stack, api.RowStacks):
+        return pb.SearchRequest(row_stacks=row_stacks_to_pb(stack), k=k, values=values,
+                                keys=keys)
     if is_plain(stack):
         return pb.SearchRequest(banks=[q.name for q in stack], k=k, values=values, keys=keys)
     return pb.SearchRequest(stack=[bank_query_to_pb(q) for q in stack], k=k, values=values,
