@@ -51,12 +51,13 @@ MAX_SHARDS = 64
 MAX_DIM = 65536       # largest key (and value) dimension
 CHUNK_ROWS = 65536    # rows per piece when a bank moves in pieces: export chunks, import
                       # batches, the layer's bank tools
+MAX_KEY_VERSION = 128  # characters of BankSpec.key_version
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 @dataclass(frozen=True)
 class BankSpec:
-    """What a bank is; fixed at creation (only the quota changes later)."""
+    """What a bank is; fixed at creation (only the quota and tier change later)."""
 
     name: str
     dim: int
@@ -70,6 +71,7 @@ class BankSpec:
     tenant: str = "default"
     tier: str = "ram"                  # ram | mmap (rows and flat codes on disk) | gpu
     eviction: str = "reject"           # reject: writes over quota fail; fifo: oldest leave
+    key_version: str = ""              # which projection made the keys (a hash); "": unknown
 
     def validated(self) -> "BankSpec":
         """Self, or InvalidArgument naming the first bad field."""
@@ -100,6 +102,10 @@ class BankSpec:
         if self.eviction not in EVICTIONS:
             raise InvalidArgument(
                 f"eviction must be one of {', '.join(EVICTIONS)}; got {self.eviction!r}")
+        if not key_version_ok(self.key_version):
+            raise InvalidArgument(
+                f"key_version must be at most {MAX_KEY_VERSION} printable ASCII characters; "
+                f"got {self.key_version!r:.80}")
         return self
 
     def with_(self, **changes: Any) -> "BankSpec":
@@ -108,6 +114,12 @@ class BankSpec:
 
 def name_ok(name: Any) -> bool:
     return isinstance(name, str) and BANK_NAME.fullmatch(name) is not None
+
+
+def key_version_ok(v: Any) -> bool:
+    """A key version is free text for the model side (e.g. a hash of the query
+    projection): short printable ASCII, so it fits a catalog column and a table."""
+    return isinstance(v, str) and len(v) <= MAX_KEY_VERSION and all(" " <= c <= "~" for c in v)
 
 
 def int_ok(n: Any) -> bool:

@@ -43,10 +43,13 @@ def bank():
               help="where the bank lives: ram, mmap (rows on disk) or gpu")
 @click.option("--eviction", type=click.Choice(EVICTIONS), default="reject", show_default=True,
               help="a write over quota: reject it, or fifo (the oldest rows leave)")
+@click.option("--key-version", default="", metavar="HASH",
+              help="which query projection made the keys (knnlayer.domain.key_version), "
+                   "so stale keys can be detected [default: none]")
 @json_option
 @with_backend
 def bank_create(backend, name, dim, value_dim, kind, value_dtype, metric, index_spec,
-                shards, quota, tenant, tier, eviction, as_json):
+                shards, quota, tenant, tier, eviction, key_version, as_json):
     """Create bank NAME.
 
     \b
@@ -54,17 +57,20 @@ def bank_create(backend, name, dim, value_dim, kind, value_dtype, metric, index_
         memctl bank create wiki --kind base --dim 128 --value-dim 128 --quota 10GB --index HNSW32
         memctl bank create chat-42 --kind session --dim 64 --value-dim 64 --value-dtype bfloat16
         memctl bank create recent --dim 128 --quota 1GB --eviction fifo --tier mmap
+        memctl bank create med --dim 128 --value-dim 128 --key-version 3f2a9c01d4e5b6a7
     """
     spec = BankSpec(name=name, dim=dim, value_dim=value_dim, kind=kind,
                     value_dtype=value_dtype, metric=metric, index=index_spec, shards=shards,
-                    quota_bytes=quota, tenant=tenant, tier=tier, eviction=eviction).validated()
+                    quota_bytes=quota, tenant=tenant, tier=tier, eviction=eviction,
+                    key_version=key_version).validated()
     info = backend.create_bank(spec)
     if as_json:
         click.echo(output.to_json(info.to_dict()))
         return
     s = info.spec
     extra = "".join([f", tier {s.tier}" if s.tier != "ram" else "",
-                     f", eviction {s.eviction}" if s.eviction != "reject" else ""])
+                     f", eviction {s.eviction}" if s.eviction != "reject" else "",
+                     f", key version {s.key_version}" if s.key_version else ""])
     click.echo(f"created bank '{s.name}': {s.kind}, dim {s.dim}, values "
                f"{output.values_desc(info)}, {s.metric}, {s.index}, {s.shards} shard"
                f"{'s' if s.shards != 1 else ''}, quota {format_size(s.quota_bytes)}{extra}")

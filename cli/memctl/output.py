@@ -149,7 +149,7 @@ def bank_block(b: BankInfo) -> str:
               f"{percent(b.used_bytes, s.quota_bytes)} used)"),
         ("eviction", s.eviction), ("tier", s.tier), ("tier bytes", tier_bytes(b.tier_bytes)),
         ("frozen", "yes" if b.frozen else "no"), ("trained", "yes" if b.trained else "no"),
-        ("checksum", b.checksum or "-"),
+        ("checksum", b.checksum or "-"), ("key version", s.key_version or "-"),
         ("created", timestamp(b.created_at)), ("updated", timestamp(b.updated_at)),
     ]
     return block(fields)

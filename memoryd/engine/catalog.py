@@ -54,6 +54,7 @@ banks = sa.Table(
     sa.Column("storage", sa.String(128), nullable=False),     # folder under banks/
     sa.Column("tier", sa.String(8), nullable=False, server_default="ram"),
     sa.Column("eviction", sa.String(8), nullable=False, server_default="reject"),
+    sa.Column("key_version", sa.String(128), nullable=False, server_default=""),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
 )
@@ -134,6 +135,7 @@ class Catalog:
                 index_spec=spec.index, shards=spec.shards, quota_bytes=spec.quota_bytes,
                 used_bytes=0, count=0, frozen=False, trained=False, checksum="",
                 storage=storage, tier=spec.tier, eviction=spec.eviction,
+                key_version=spec.key_version,
                 created_at=now, updated_at=now))
             self._log(c, spec.name, spec.tenant, "create", 0, 0)
         return self.bank(spec.name)
@@ -303,7 +305,7 @@ def _info(row) -> BankInfo:
         name=row["name"], dim=row["dim"], value_dim=row["value_dim"], kind=row["kind"],
         value_dtype=row["value_dtype"], metric=row["metric"], index=row["index_spec"],
         shards=row["shards"], quota_bytes=row["quota_bytes"], tenant=row["tenant"],
-        tier=row["tier"], eviction=row["eviction"])
+        tier=row["tier"], eviction=row["eviction"], key_version=row["key_version"])
     return BankInfo(
         spec=spec, count=int(row["count"]), used_bytes=int(row["used_bytes"]),
         frozen=bool(row["frozen"]), trained=bool(row["trained"]), checksum=row["checksum"],
