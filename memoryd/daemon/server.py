@@ -236,6 +236,9 @@ def _run(config: Config) -> int:
             "address": address, "data_dir": str(config.data_dir), "pid": os.getpid(),
             "catalog_url": config.catalog_url, "version": __version__,
             "max_workers": config.max_workers,
+            # how faiss's idle OpenMP threads wait: the user's policy, else
+            # PASSIVE (storage.faiss_index sets it around `import faiss`)
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE",
             "reply_buffers": str(buffers.directory) if buffers.enabled else "off"}})
         while not stop.wait(1.0):
             pass

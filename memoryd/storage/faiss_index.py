@@ -7,7 +7,10 @@ IndexIDMap (never positional ids).
 """
 from __future__ import annotations
 
+import os
 import re
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
@@ -20,10 +23,27 @@ INSTALL_HINT = ("pip install -e '.[cpu]' in the memoryd checkout (CPU hosts), "
 GPU_HINT = ("tier gpu needs a CUDA device and faiss-gpu (pip install -e '.[gpu]' in the "
             "memoryd checkout); this host has none: use ram or mmap")
 
+# FAISS's OpenMP threads must sleep between searches, not spin: libgomp's
+# default keeps a finished region's threads spinning, and on a host whose
+# cores are shared (a daemon beside its models) a spinning or descheduled
+# team member stalls the next region: a Flat nq=1 search on 2 threads took
+# 24 ms spinning vs 2.9 ms passive here. libgomp reads the policy once, when
+# it loads: faiss wheels bundle their own, loaded by `import faiss`, so the
+# policy is set around that import only (a torch imported later keeps its
+# own default; a policy the user set wins). Where torch was imported FIRST,
+# its libgomp (loaded RTLD_GLOBAL) also serves faiss, with torch's policy:
+# export OMP_WAIT_POLICY=PASSIVE before importing torch to change that;
+# decode-sized searches run on one thread anyway (threads_for, below).
+_USER_POLICY = os.environ.get("OMP_WAIT_POLICY")
+if _USER_POLICY is None:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 try:
     import faiss
 except ImportError as e:  # pragma: no cover - exercised only without faiss
     raise ImportError(f"faiss is not installed: {INSTALL_HINT}") from e
+finally:
+    if _USER_POLICY is None:
+        del os.environ["OMP_WAIT_POLICY"]
 
 METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT}
 # Defaults that make approximate indexes useful out of the box; a spec's own
@@ -172,3 +192,57 @@ def configure(index: "faiss.Index", spec_text: str) -> "faiss.Index":
     """Apply the spec's search parameters to an index read back from disk."""
     _apply_params(index, IndexSpec.parse(spec_text))
     return index
+
+
+# ---- OpenMP threads per search ------------------------------------------------------
+# FAISS runs every search on all its threads. A decode-sized search (a few
+# queries) then pays to wake the others and waits for the slowest, and on
+# shared cores one descheduled team member stalls the region: 8 product-key
+# queries on 2 threads had a p99 of 24 ms (spinning) where one thread had 0.7
+# ms, and a single query over a Flat index is slower on 2 threads than on 1
+# (faiss splits one query badly: 2.9 vs 1.3 ms, 100k x 64-d). So a search
+# takes one thread per WORK_PER_THREAD multiply-adds, one for a single query,
+# and at most the calling thread's own count (OMP_NUM_THREADS or the cores,
+# unless the caller set another). omp_set_num_threads sets the CALLING
+# thread's count only (libgomp keeps one per thread; tests/test_search_threads.py),
+# so searches on concurrent RPC or pool threads each get theirs; it is put
+# back after the search.
+WORK_PER_THREAD = 8_000_000   # multiply-adds: ~2 ms of one core, far above a wake-up
+THREADS_PER_SIZE = True       # False: faiss's default, all threads (benchmarks compare)
+
+
+def threads_for(nq: int, work_per_query: int) -> int:
+    """OpenMP threads for a search of nq queries costing work_per_query multiply-adds each."""
+    most = faiss.omp_get_max_threads()          # this thread's count: the ceiling
+    if not THREADS_PER_SIZE:
+        return most
+    if nq <= 1:
+        return 1
+    return max(1, min(most, nq * work_per_query // WORK_PER_THREAD))
+
+
+@contextmanager
+def omp_threads(n: int) -> Iterator[None]:
+    """Run the block's faiss calls on n OpenMP threads (this thread's setting only)."""
+    before = faiss.omp_get_max_threads()
+    if n == before:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
+def work_per_query(index: "faiss.Index", rows: int, dim: int) -> int:
+    """Rough multiply-adds one query costs in index holding rows vectors (threads_for)."""
+    inner = _inner(index)
+    hnsw = getattr(inner, "hnsw", None)
+    if hnsw is not None:      # ~efSearch nodes visited, each with its level-0 links
+        return max(1, hnsw.efSearch) * hnsw.nb_neighbors(0) * dim
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return max(1, rows) * dim           # flat-like: every vector (an upper bound for codes)
+    return ivf.nlist * dim + max(1, ivf.nprobe * rows // max(1, ivf.nlist)) * dim

@@ -8,8 +8,14 @@ holds two tables of n random unit sub-keys, one per half of the key:
 
 For a query q = (q1, q2), q . key = (q1 . c1[i] + q2 . c2[j]) / sqrt(2), and
 the best k of those sums always lie among the best k of each half. So two
-flat searches over n sub-keys and a re-rank of the k x k candidate sums give
-the EXACT top-k over all n^2 keys. Ids are rows 0..K-1 of the value table.
+flat searches over n sub-keys and a re-rank of the candidate sums (only the
+~k ln k of the k x k pairs that can still make the top k: _pairs) give the
+EXACT top-k over all n^2 keys, as FAISS's MultiIndexQuantizer finds it
+(bench/bench_product_keys.py). Ids are rows 0..K-1 of the value table.
+Scores are float32 sums of the halves' inner products; equal scores come in
+the order of the halves' ranks, whatever the thread count (which of several
+keys tied at the k-th place is returned is unspecified, as with any faiss
+index).
 
 The key set itself is memoryd.keyspace's (pure numpy, shared with the
 layer, which rebuilds key vectors from ids). Spec: index "product-keys:<n>"
@@ -32,6 +38,7 @@ from memoryd.api import BankSpec, ExportChunk, SearchResult
 from memoryd.arrays import value_dtype
 from memoryd.errors import FailedPrecondition, InvalidArgument
 from memoryd.keyspace import key_vectors, parse_product_keys, subkeys
+from memoryd.storage import faiss_index as fx
 from memoryd.storage.faiss_index import faiss
 from memoryd.storage.interface import AddPlan, BankStore
 from memoryd.storage.rows import atomic_write_json, folder_bytes
@@ -55,6 +62,7 @@ class ProductKeyBank(BankStore):
         self.halves = [faiss.IndexFlatIP(spec.dim // 2) for _ in range(2)]
         for flat, c in zip(self.halves, self.sub):
             flat.add(c)
+        self._pair_cache: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}   # _pairs
         vdt = value_dtype(spec.value_dtype)
         self.values = np.zeros((self.count, spec.value_dim), vdt) if spec.value_dim else None
 
@@ -157,29 +165,75 @@ class ProductKeyBank(BankStore):
                             values=vv, keys=kk)
 
     def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over all n^2 keys: best k per half, then the k x k re-rank."""
+        """Exact top-k over all n^2 keys: best kk per half, then the re-rank of
+        the candidate pairs that can still make the top m (_pairs)."""
         nq, h = len(queries), self.spec.dim // 2
         kk = min(k, self.n)
-        s1, i1 = self.halves[0].search(np.ascontiguousarray(queries[:, :h]), kk)   # (nq, kk)
-        s2, i2 = self.halves[1].search(np.ascontiguousarray(queries[:, h:]), kk)   # (nq, kk)
-        cand = (s1[:, :, None] + s2[:, None, :]).reshape(nq, kk * kk)             # (nq, kk*kk)
         m = min(k, kk * kk)
-        top = np.argpartition(-cand, m - 1, axis=1)[:, :m] if m < kk * kk else \
-            np.broadcast_to(np.arange(kk * kk), (nq, kk * kk))
-        ip = np.take_along_axis(cand, top, axis=1)                                 # (nq, m)
-        order = np.argsort(-ip, axis=1, kind="stable")
-        top, ip = np.take_along_axis(top, order, axis=1), np.take_along_axis(ip, order, axis=1)
+        # both halves' flat searches and the re-rank run on this search's threads
+        with fx.omp_threads(fx.threads_for(nq, self.n * self.spec.dim)):
+            s1, i1 = self.halves[0].search(np.ascontiguousarray(queries[:, :h]), kk)  # (nq, kk)
+            s2, i2 = self.halves[1].search(np.ascontiguousarray(queries[:, h:]), kk)  # (nq, kk)
+            ip, a, b = self._rerank(s1, s2, kk, m)                                     # (nq, m)
         rows = np.arange(nq)[:, None]
-        ids = i1[rows, top // kk] * self.n + i2[rows, top % kk]                     # (nq, m)
-        ip = ip / math.sqrt(2.0)
+        ids = i1[rows, a]                                                              # (nq, m)
+        ids *= self.n
+        ids += i2[rows, b]
+        ip = ip / math.sqrt(2.0)   # the same float32 ops as ever: scores stay bit-identical
         if self.spec.metric == "l2":  # |q - key|^2 with |key| = 1
             scores = (queries * queries).sum(1, keepdims=True) + 1.0 - 2.0 * ip
         else:
             scores = ip
+        if m == k:
+            return scores, ids
         D = np.full((nq, k), np.inf if self.spec.metric == "l2" else -np.inf, np.float32)
         I = np.full((nq, k), -1, np.int64)
         D[:, :m], I[:, :m] = scores, ids
         return D, I
+
+    def _rerank(self, s1: np.ndarray, s2: np.ndarray, kk: int, m: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The best m sums s1[a] + s2[b], best first: (sums, a, b), each (nq, m).
+
+        One C++ pass (a faiss heap per query, on this thread's OpenMP threads)
+        over the candidates; ties come in candidate order (a, then b).
+        """
+        a_of, b_of, rev = self._pairs(kk, m)                                       # (P,)
+        cand = np.take(s1, a_of, axis=1)                                           # (nq, P)
+        cand += np.take(s2, b_of, axis=1)
+        nq, p = cand.shape
+        best = np.empty((nq, m), np.float32)
+        pos = np.empty((nq, m), np.int64)
+        heap = faiss.float_minheap_array_t()   # a min-heap keeps the m largest
+        heap.nh, heap.k = nq, m
+        heap.val, heap.ids = faiss.swig_ptr(best), faiss.swig_ptr(pos)
+        heap.heapify()
+        # ids P - position (one row for all queries: stride 0; never -1, which
+        # the heap takes for "empty"): it orders equal sums by descending id,
+        # so by ascending position
+        heap.addn_with_ids(p, faiss.swig_ptr(cand), faiss.swig_ptr(rev), 0, 0, nq)
+        heap.reorder()
+        np.subtract(p, pos, out=pos)
+        return best, a_of[pos], b_of[pos]
+
+    def _pairs(self, kk: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(a, b, P - position) of the P candidate pairs for the best m of kk x kk sums.
+
+        Both halves come sorted, best first, so at least (a+1)(b+1) pairs
+        (all a' <= a, b' <= b) score >= s1[a] + s2[b] (float addition is
+        monotonic): a pair with (a+1)(b+1) > m can only tie the m-th, never
+        beat it. That leaves ~m ln m candidates instead of kk^2 (119 of
+        1,024 for k = 32).
+        """
+        key = (kk, m)
+        got = self._pair_cache.get(key)
+        if got is None:
+            r = np.arange(1, kk + 1)
+            a, b = np.nonzero(r[:, None] * r[None, :] <= m)   # row-major: a, then b
+            rev = len(a) - np.arange(len(a), dtype=np.int64)
+            got = (a.astype(np.int64), b.astype(np.int64), rev)
+            self._pair_cache[key] = got
+        return got
 
     def keys_of(self, ids: np.ndarray) -> np.ndarray:
         """(n, dim) key vectors of valid ids."""
@@ -187,15 +241,25 @@ class ProductKeyBank(BankStore):
 
     def gather(self, ids: np.ndarray, *, keys: bool, values: bool
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(found, keys, values) for any-shaped ids; zeros where not found.
+
+        Values are one np.take into a fresh array (one pass; the mask
+        indexing it replaces made three); missing ids, rare here (only k >
+        n^2 pads), read row 0 and are zeroed after.
+        """
         flat = ids.reshape(-1)
-        found = (flat >= 0) & (flat < self.count)
+        found = (flat >= 0) & (flat < self.count)                                   # (n,)
+        every = bool(found.all())
+        rows = flat if every else np.where(found, flat, 0)
         k_out = v_out = None
         if keys:
-            k_out = np.zeros((len(flat), self.spec.dim), np.float32)
-            k_out[found] = self.keys_of(flat[found])
+            k_out = self.keys_of(rows)                                              # (n, dim)
         if values:
-            v_out = np.zeros((len(flat), self.spec.value_dim), self.values.dtype)
-            v_out[found] = self.values[flat[found]]
+            v_out = np.take(self.values, rows, axis=0)                              # (n, dv)
+        if not every:
+            for out in (k_out, v_out):
+                if out is not None:
+                    out[~found] = 0
         shape = ids.shape
         return (found.reshape(shape),
                 None if k_out is None else k_out.reshape(*shape, self.spec.dim),

@@ -111,7 +111,9 @@ class Shard:
             D = np.full((nq, k), worst(self.spec.metric), np.float32)
             I = np.full((nq, k), -1, np.int64)
         else:
-            D, I = self.index.search(queries, k)                          # (nq, k)
+            work = fx.work_per_query(self.template, self.store.rows, self.spec.dim)
+            with fx.omp_threads(fx.threads_for(nq, work)):
+                D, I = self.index.search(queries, k)                      # (nq, k)
         kk = vv = None
         if keys or (values and self.store.values is not None):
             _, kk, vv = self.gather(I, keys=keys, values=values and self.store.values is not None)
