@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from memoryd.api import BankQuery, BankSpec, SessionSpec
+from memoryd.errors import BankFrozen
 from knnlayer.attention import KNNAttention
 
 D, DK, DV, H = 10, 8, 4, 2
@@ -84,6 +85,7 @@ def test_a_table_per_bank_base_frozen_domain_trains(mem):
     attn = layer(mem, ["dom", "base"], value_tables={"base": nb, "dom": nd}, out_dim=D)
     attn.load_values(bank="base")
     attn.load_values(bank="dom")
+    checksum = mem.freeze_bank("base").checksum
     base = attn.value_table("base")
     base.weight.requires_grad_(False)
     for p in attn.parameters():                 # dense weights frozen too
@@ -103,10 +105,13 @@ def test_a_table_per_bank_base_frozen_domain_trains(mem):
     dom_rows = set(touched.ids[touched.mask & (touched.bank == 0)].tolist())
     changed = (after["value_tables.dom.weight"] != dense0["value_tables.dom.weight"]).any(1)
     assert set(torch.nonzero(changed).flatten().tolist()) == dom_rows and dom_rows
-    # push writes only the domain bank; base's stored values are untouched
+    # push writes only the domain bank; the frozen base bank is byte-identical
     before = mem.get("base", np.arange(nb)).values
     assert attn.push_values(bank="dom") == nd
     np.testing.assert_array_equal(mem.get("base", np.arange(nb)).values, before)
+    assert mem.bank_info("base").checksum == checksum and checksum.startswith("sha256:")
+    with pytest.raises(BankFrozen):
+        attn.push_values(bank="base")
     np.testing.assert_array_equal(mem.get("dom", np.arange(nd)).values,
                                   attn.value_table("dom").weight.detach().numpy())
 

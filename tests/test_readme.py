@@ -61,6 +61,18 @@ def test_python_section_runs_as_written(tmp_path):
     assert out.stdout.strip() == "shared memory"
 
 
+def test_memory_augmented_transformer_section_runs_as_written(tmp_path):
+    proc, _ = start_daemon(tmp_path / "mem")
+    try:
+        out = subprocess.run([sys.executable, "-c", block("Memory-augmented transformer", "python")],
+                             cwd=tmp_path, env=clean_env(), capture_output=True, text=True,
+                             timeout=240)
+    finally:
+        assert stop_daemon(proc) == 0
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.strip() == "32"
+
+
 def test_the_gpu_hint_is_the_readme_install_line():
     from memoryd.storage.faiss_index import GPU_HINT, INSTALL_HINT
 
