@@ -7,10 +7,13 @@ step, the same queries through
 
   local      LocalMemory.search in this process
   daemon     MemoryClient.search to `memoryd serve` (a subprocess on the
-             same data dir), unix socket, reply buffers on (the default)
+             same data dir), unix socket, reply buffers on (the default):
+             the unary SearchOne, as the client picks it for these replies
+  stream     the same through the streaming Search (a second client told
+             never to use SearchOne: the path before it)
 
 alternating which goes first, and prints p50/p99 of each and the daemon's
-extra time. Then the Flat nq=1 case (a 100k x 64-d Flat bank, one query, k =
+extra time over local. Then the Flat nq=1 case (a 100k x 64-d Flat bank, one query, k =
 32): FAISS's default threads (every search on all OpenMP threads) vs
 threads per request size (memoryd.storage.faiss_index.threads_for), in
 process, interleaved, and through the daemon. A bare gRPC round trip (Ping)
@@ -111,15 +114,19 @@ def main() -> None:
     rng = np.random.default_rng(1)
     proc, address = spawn(data_dir)
     try:
-        with LocalMemory(data_dir) as mem, MemoryClient(address) as client:
+        with LocalMemory(data_dir) as mem, MemoryClient(address) as client, \
+                MemoryClient(address) as streaming:
             assert client.reply_buffers == "shared memory", client.reply_buffers
+            paths = {"local": lambda q: mem.search("pk", q, a.k, values=True),
+                     "daemon": lambda q: client.search("pk", q, a.k, values=True)}
+            if hasattr(streaming, "_route"):   # code before SearchOne: "daemon" streams
+                streaming._route.unary = False
+                paths["stream"] = lambda q: streaming.search("pk", q, a.k, values=True)
             decode = {}
             for b in a.batch:
                 nq = b * HEADS
-                decode[b] = alternating(
-                    {"local": lambda q: mem.search("pk", q, a.k, values=True),
-                     "daemon": lambda q: client.search("pk", q, a.k, values=True)},
-                    a.steps, lambda: (unit(rng.standard_normal((nq, 128))),))
+                decode[b] = alternating(paths, a.steps,
+                                        lambda: (unit(rng.standard_normal((nq, 128))),))
 
             def local_flat(per_size: bool):
                 def run(q):
@@ -150,13 +157,21 @@ def main() -> None:
           f"{'yes' if hasattr(fx, 'THREADS_PER_SIZE') else 'no (code before them)'}")
     print(f"\ndecode step: B x T=1 x {HEADS} heads queries, k={a.k}, values; "
           f"{a.subkeys}^2 = {a.subkeys ** 2:,} product keys, key_dim 128, fp16 64-d values; "
-          f"{a.steps} steps, local and daemon alternating\n")
-    print("| B | nq | LocalMemory p50 / p99 (ms) | daemon p50 / p99 (ms) | daemon extra p50 / p99 (ms) |")
-    print("|---:|---:|---:|---:|---:|")
+          f"{a.steps} steps, the paths alternating\n")
+    streamed = "stream" in next(iter(decode.values()))
+    head = "| B | nq | LocalMemory p50 / p99 (ms) |"
+    if streamed:
+        head += " daemon, Search (stream) p50 / p99 | extra p50 / p99 |"
+    head += f" daemon{', SearchOne' if streamed else ''} p50 / p99 (ms) | extra p50 / p99 (ms) |"
+    print(head)
+    print("|---:|---:|---:|" + "---:|---:|" * (2 if streamed else 1))
     for b, t in decode.items():
-        (l50, l99), (d50, d99) = pct(t["local"]), pct(t["daemon"])
-        print(f"| {b} | {b * HEADS} | {l50:.2f} / {l99:.2f} | {d50:.2f} / {d99:.2f} | "
-              f"{d50 - l50:+.2f} / {d99 - l99:+.2f} |")
+        l50, l99 = pct(t["local"])
+        row = f"| {b} | {b * HEADS} | {l50:.2f} / {l99:.2f} |"
+        for name in ("stream", "daemon") if streamed else ("daemon",):
+            d50, d99 = pct(t[name])
+            row += f" {d50:.2f} / {d99:.2f} | {d50 - l50:+.2f} / {d99 - l99:+.2f} |"
+        print(row)
     print(f"\nFlat nq=1: {a.flat_rows:,} x 64-d Flat bank, k={a.k}, values; {a.flat_calls} calls "
           "each; the two in-process rows interleaved, the daemon's after them\n")
     print("| path | p50 (ms) | p99 (ms) |")

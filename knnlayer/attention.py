@@ -118,6 +118,7 @@ class KNNAttention(nn.Module):
         self._specs: dict[str, BankSpec] = {}              # shared banks' specs, on first use
         self._row_specs: OrderedDict[str, BankSpec] = OrderedDict()   # row banks', LRU
         self._facts: dict[tuple, BankFacts] = {}
+        self._row_stack: tuple[tuple, Stack] | None = None   # the last per-row stack built
         # refuse a state dict of other banks before any of this module's tensors is copied
         self.register_load_state_dict_pre_hook(_check_bank_binding)
 
@@ -274,11 +275,15 @@ class KNNAttention(nn.Module):
         if isinstance(row_banks, (str, BankQuery)) or len(row_banks) != batch:
             raise ValueError(f"row_banks needs one bank (or stack) per batch row: {batch}; "
                              f"got {row_banks!r}")
-        per_row = [tuple(as_query(b) for b in ([r] if isinstance(r, (str, BankQuery)) else r))
-                   for r in row_banks]
+        per_row = tuple(tuple([r] if isinstance(r, (str, BankQuery)) else r) for r in row_banks)
+        key = (shared, per_row, positions)
+        if self._row_stack is not None and self._row_stack[0] == key:
+            return self._row_stack[1]      # a decode loop names the same sessions every step
         rows = positions * self.config.num_heads                  # query rows per batch row
-        return Stack(shared, RowStacks(stacks=[shared + r for r in per_row],
-                                       rows=[rows] * len(per_row)))
+        stack = Stack(shared, RowStacks(stacks=[shared + tuple(map(as_query, r)) for r in per_row],
+                                        rows=[rows] * len(per_row)))
+        self._row_stack = (key, stack)     # (validating B stacks costs ~10 us a row)
+        return stack
 
     def _retrieve(self, stack: "Stack", q: torch.Tensor, keys: bool) -> Retrieved:
         """One memory.search for all N*H queries q (N, H, dk) (knnlayer.retrieval.retrieve):

@@ -22,7 +22,10 @@ messages are the same from both backends.
 Search replies from a daemon on the same host come through shared memory
 (reply buffers, memoryd.wire.shm): by default whenever the address is a unix
 socket; `reply_buffers=True` also tries it over TCP (loopback), False never.
-Results are the same either way.
+A search whose reply predictably fits one message (decode-sized ones) is one
+unary call, SearchOne; others stream (Search), as do all searches to a
+daemon older than SearchOne (memoryd.wire.search.Route). Results are the
+same either way.
 
 The client names itself to the daemon (metadata `x-memoryd-client`, default
 "<hostname>:<pid>"); a call's `caller=` names someone else for that call
@@ -137,10 +140,14 @@ class MemoryClient:
         self._stub = pb_grpc.MemoryStub(self._channel)
         # Search replies are read by fastwire: zero-copy views of the message
         # bytes instead of protobuf objects (the same wire format).
+        reply = functools.partial(fastwire.decode, pb.SearchResponse)
         self._search = self._channel.unary_stream(
             search_wire.METHOD, request_serializer=pb.SearchRequest.SerializeToString,
-            response_deserializer=functools.partial(fastwire.decode, pb.SearchResponse),
-            _registered_method=True)
+            response_deserializer=reply, _registered_method=True)
+        self._search_one = self._channel.unary_unary(
+            search_wire.ONE_METHOD, request_serializer=pb.SearchRequest.SerializeToString,
+            response_deserializer=reply, _registered_method=True)
+        self._route = search_wire.Route()        # SearchOne or Search, per search
         if reply_buffers is None:                # same host for sure: a unix socket
             reply_buffers = grpc_target(address).startswith("unix:")
         self._buffers = (ReplyBufferPool(self._open_reply_buffer, self._close_reply_buffer)
@@ -253,12 +260,17 @@ class MemoryClient:
         stack = banks if isinstance(banks, api.RowStacks) else api.bank_list(banks)
         req = search_wire.request(stack, api.check_k(k), values, keys)
         opts = self._opts(caller)
-        return search_wire.call(lambda r: self._search_stream(r, opts), req,
-                                _as_float32(queries), self._buffers)
+        rpcs = search_wire.Rpcs(stream=lambda r: self._search_stream(r, opts),
+                                one=lambda r: self._search_unary(r, opts))
+        return search_wire.call(rpcs, req, _as_float32(queries), self._buffers, self._route)
 
     @_mapped
     def _search_stream(self, req: pb.SearchRequest, opts: dict) -> Iterator[dict]:
         yield from self._search(req, **opts)
+
+    @_mapped
+    def _search_unary(self, req: pb.SearchRequest, opts: dict) -> dict:
+        return self._search_one(req, **opts)
 
     @_mapped
     def _open_reply_buffer(self, size: int) -> pb.ReplyBuffer:

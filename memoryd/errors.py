@@ -55,6 +55,11 @@ class NeedsTraining(FailedPrecondition):
     pass
 
 
+class ReplyTooLarge(FailedPrecondition):
+    """A SearchOne reply fits no single message (neither the reply buffer nor
+    one stream piece): the client makes the same call as the streaming Search."""
+
+
 class QuotaExceeded(MemorydError):
     """A write would take a bank's (or its tenant's) usage above its quota."""
 
@@ -92,4 +97,4 @@ def reason(cls: type) -> str:
 # The classes a reason may name; a client never instantiates anything else.
 BY_REASON: dict[str, type[MemorydError]] = {reason(c): c for c in (
     InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, BankFrozen,
-    NeedsTraining, QuotaExceeded, Unavailable, UnknownReplyBuffer)}
+    NeedsTraining, QuotaExceeded, Unavailable, UnknownReplyBuffer, ReplyTooLarge)}

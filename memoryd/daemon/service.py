@@ -178,10 +178,21 @@ class MemoryServicer(pb_grpc.MemoryServicer):
     @_rpc
     def Search(self, request, context, caller) -> Iterator[bytes]:
         # already serialised (see add_to_server): the payload is copied once
+        r, buf = self._search(request, caller)
+        yield from search_wire.encode_reply(r, buf)
+
+    @_rpc
+    def SearchOne(self, request, context, caller) -> bytes:
+        # Search's reply as ONE message (serialised too), or ReplyTooLarge
+        r, buf = self._search(request, caller)
+        return search_wire.encode_one(r, buf)
+
+    def _search(self, request: pb.SearchRequest, caller: Caller
+                ) -> tuple[api.SearchResult, shm.ReplyBufferFile | None]:
         c = search_wire.decode_request(request, self.buffers)
         r = self.backend.search(c.stack, c.queries, c.k, values=c.values, keys=c.keys,
                                 caller=caller)
-        yield from search_wire.encode_reply(r, c.buffer)
+        return r, c.buffer
 
     @_rpc
     def Get(self, request, context, caller) -> Iterator[pb.GetResponse]:
@@ -293,12 +304,15 @@ class _HandlerTable:
 
 def add_to_server(servicer: MemoryServicer, server: grpc.Server) -> None:
     """Register memoryd.v1.Memory: the generated handlers, except that Search
-    sends the bytes fastwire already serialised (same wire format)."""
+    and SearchOne send the bytes fastwire already serialised (same wire format)."""
     table = _HandlerTable()
     pb_grpc.add_MemoryServicer_to_server(servicer, table)
     handlers = table.handlers
     handlers["Search"] = grpc.unary_stream_rpc_method_handler(
         servicer.Search, request_deserializer=pb.SearchRequest.FromString,
+        response_serializer=bytes)
+    handlers["SearchOne"] = grpc.unary_unary_rpc_method_handler(
+        servicer.SearchOne, request_deserializer=pb.SearchRequest.FromString,
         response_serializer=bytes)
     service = pb.DESCRIPTOR.services_by_name["Memory"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

@@ -79,6 +79,11 @@ class MemoryStub:
                 request_serializer=memoryd_dot_v1_dot_memory__pb2.SearchRequest.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memory__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchOne = channel.unary_unary(
+                '/memoryd.v1.Memory/SearchOne',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.SearchRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.SearchResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_stream(
                 '/memoryd.v1.Memory/Get',
                 request_serializer=memoryd_dot_v1_dot_memory__pb2.GetRequest.SerializeToString,
@@ -224,6 +229,13 @@ class MemoryServicer:
 
     def Search(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchOne(self, request, context):
+        """one message: see above
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -381,6 +393,11 @@ def add_MemoryServicer_to_server(servicer, server):
             ),
             'Search': grpc.unary_stream_rpc_method_handler(
                     servicer.Search,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.SearchRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchOne,
                     request_deserializer=memoryd_dot_v1_dot_memory__pb2.SearchRequest.FromString,
                     response_serializer=memoryd_dot_v1_dot_memory__pb2.SearchResponse.SerializeToString,
             ),
@@ -716,6 +733,33 @@ class Memory:
             request,
             target,
             '/memoryd.v1.Memory/Search',
+            memoryd_dot_v1_dot_memory__pb2.SearchRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/SearchOne',
             memoryd_dot_v1_dot_memory__pb2.SearchRequest.SerializeToString,
             memoryd_dot_v1_dot_memory__pb2.SearchResponse.FromString,
             options,

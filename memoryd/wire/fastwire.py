@@ -31,7 +31,12 @@ _VARINT, _LEN = 0, 2
 _TENSOR_DTYPE, _TENSOR_SHAPE, _TENSOR_DATA, _TENSOR_OFFSET = 1, 2, 3, 4
 
 
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]      # tags, dtypes, small dims
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:   # most varints of a reply: a decode-sized one is ~40 of them
+        return _ONE_BYTE[n]
     n &= (1 << 64) - 1  # negative int64 -> two's complement, as protobuf does
     out = bytearray()
     while True:
@@ -80,6 +85,8 @@ def encode(message_type, **fields) -> bytes:
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    if pos < len(buf) and buf[pos] < 0x80:          # one byte: most of them
+        return buf[pos], pos + 1
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
