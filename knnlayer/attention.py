@@ -43,7 +43,8 @@ training domain table sit side by side (`value_table("base").weight
 .requires_grad_(False)`); `push_values(bank=)` writes a trained table into
 its bank, `load_values(bank=)` reads it back; `bind(banks=)` re-binds the
 module in place and keeps the tables by bank name. (`trainable_values=N` is
-short for `value_tables={banks[0]: N}`.)
+short for `value_tables={banks[0]: N}`; tables back shared banks only: a
+row bank's results carry the memory's values.)
 
 Gate: with `gate=True` a zero-initialised vector g (one entry per output
 feature) scales the output, y = tanh(g) * out, so inserting the layer into a
@@ -80,7 +81,7 @@ from memoryd.api import BankQuery, BankSpec, MemoryBackend, RowStacks
 
 __all__ = ["KNNAttention", "KNNAttentionConfig", "Pending", "RowBanks", "masked_softmax"]
 
-EXTRA_STATE_FORMAT = 2          # 1: {"banks": [names]}; 2: + options of each bank
+EXTRA_STATE_FORMAT = 2          # 1: {"banks": [names]}; 2: + each bank's options, the tables
 ROW_SPECS = 4096                # row banks (sessions) whose specs are kept, least recent out
 
 
@@ -184,7 +185,8 @@ class KNNAttention(nn.Module):
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"format": EXTRA_STATE_FORMAT, "banks": self.banks,
-                "stack": [query_dict(b) for b in self.config.banks]}
+                "stack": [query_dict(b) for b in self.config.banks],
+                "tables": dict(self.config.value_tables)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._check_saved_banks(state)
@@ -196,6 +198,12 @@ class KNNAttention(nn.Module):
                 f"KNNAttention state was saved bound to banks {saved}, but this module reads "
                 f"{self.banks}. Banks are never re-created or re-bound silently: construct the "
                 f"module with banks={saved} (or call bind(banks=...)) before loading")
+        tables = state.get("tables") if isinstance(state, dict) else None
+        if tables is not None and dict(tables) != self.config.value_tables:
+            raise ValueError(
+                f"KNNAttention state was saved with value tables {dict(tables)}, but this module "
+                f"has {self.config.value_tables}: construct it with value_tables={dict(tables)} "
+                f"(or add_value_table) before loading")
 
     # ---- forward ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor, row_banks: RowBanks | None = None) -> torch.Tensor:

@@ -142,6 +142,20 @@ def test_bind_in_place_keeps_tables_by_bank(mem):
         attn.value_table("nope")
 
 
+def test_state_dict_names_missing_value_tables(mem):
+    new_bank(mem, "base", 8, seed=13)
+    attn = layer(mem, ["base"], value_tables={"base": 8})
+    attn.add_value_table("dom", 4)
+    state = attn.state_dict()
+    assert state["_extra_state"]["tables"] == {"base": 8, "dom": 4}
+    fresh = layer(mem, ["base"], value_tables={"base": 8})
+    with pytest.raises(ValueError, match=r"value_tables=\{'base': 8, 'dom': 4\}"):
+        fresh.load_state_dict(state)
+    fresh.add_value_table("dom", 4)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.value_table("dom").weight, attn.value_table("dom").weight)
+
+
 def test_table_rows_checked_per_bank(mem):
     new_bank(mem, "base", 12, seed=7)
     attn = layer(mem, ["base"], value_tables={"base": 5}, topk=12)
