@@ -20,10 +20,8 @@ the memory variants both in-process (LocalMemory) and through the daemon
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ from knnlayer import KNNAttention, MemorizingAttention, MemoryClient, SessionSpe
 from knnlayer.bank_tools import create_base_bank  # noqa: E402
 from memoryd.daemon.server import spawn  # noqa: E402
 from memoryd.engine import LocalMemory  # noqa: E402
+from _timing import interleaved  # noqa: E402  (bench/, the script's folder)
 
 B, T, D, H, DK, DV = 8, 256, 256, 4, 64, 64
 BASE_ROWS, SESSION_ROWS = 256 ** 2, 4096
@@ -105,18 +104,6 @@ def step_fn(block: Block):
         for o in opts:
             o.step()
     return step
-
-
-def interleaved(steps: dict, rounds: int) -> dict[str, float]:
-    for fn in steps.values():
-        fn()                                                   # warm-up
-    times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(rounds):
-        for name, fn in steps.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ round trip (Ping) on the same socket. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,25 +35,13 @@ from memoryd.api import BankSpec  # noqa: E402
 from memoryd.engine import LocalMemory  # noqa: E402
 from memoryd.daemon.server import spawn  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
+from _timing import interleaved  # noqa: E402  (bench/, the script's folder)
 
 
 def clustered_unit(n: int, d: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
     """Keys with structure (a Gaussian mixture on the sphere), as data keys have."""
     x = centers[rng.integers(0, len(centers), n)] + 0.35 * rng.standard_normal((n, d), np.float32)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def interleaved(paths: dict, repeat: int) -> dict[str, float]:
-    """Median seconds of each path, timed in rounds (one call of each per round)."""
-    for fn in paths.values():
-        fn()  # warm-up: page faults, thread pools, channel set-up
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(repeat):
-        for name, fn in paths.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def build(data_dir: Path, a) -> None:

@@ -21,12 +21,9 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import random
 import shutil
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +34,7 @@ from knnlayer.client import MemoryClient  # noqa: E402
 from memoryd.api import RowStacks, SessionSpec  # noqa: E402
 from memoryd.daemon.server import spawn  # noqa: E402
 from memoryd.engine import LocalMemory  # noqa: E402
+from _timing import interleaved  # noqa: E402  (bench/, the script's folder)
 
 BASE = "base"
 CASES = (("train", 1, 64, 4), ("train", 8, 64, 4), ("train", 64, 64, 4),   # (mode, B, T, H)
@@ -62,24 +60,6 @@ def build(data_dir: Path, a) -> list[str]:
                        rng.standard_normal((a.session_rows, a.dim), np.float32))
             sids.append(sid)
     return sids
-
-
-def interleaved(paths: dict, repeat: int) -> dict[str, float]:
-    """Median seconds of each path, timed in rounds (one call of each per round).
-
-    Each round takes the paths in a new random order: the first call after
-    another backend's pays for waking threads and cold caches (~0.2 ms,
-    measured), which a fixed order would always charge to the same path."""
-    for fn in paths.values():
-        fn()  # warm-up: page faults, thread pools, reply buffers sized
-    rng = random.Random(0)
-    times: dict[str, list[float]] = {name: [] for name in paths}
-    for _ in range(repeat):
-        for name in rng.sample(list(paths), len(paths)):
-            t = time.perf_counter()
-            paths[name]()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def paths_for(mem, sids: list[str], q: np.ndarray, per: int, k: int) -> dict:
@@ -117,7 +97,7 @@ def main() -> None:
                          for how, fn in paths_for(m, sids[:b], q, per, a.k).items()}
                 # decode steps take milliseconds: more rounds, for a median above the noise
                 repeat = a.repeat if mode == "train" else (40 if b == 1 else 4) * a.repeat
-                rows.append((mode, b, t, h, interleaved(paths, repeat)))
+                rows.append((mode, b, t, h, interleaved(paths, repeat, shuffle=True)))
                 print(f"  {mode} B={b} done", file=sys.stderr)
     finally:
         proc.terminate()
