@@ -6,10 +6,21 @@ search, merge and id bookkeeping against plain arithmetic.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
 
+def assert_same_result(got, ref) -> None:
+    """Two SearchResults byte for byte: each array present in both or neither,
+    same dtype, shape and bytes, and writable (a caller may change it)."""
+    for f in (field.name for field in dataclasses.fields(ref)):
+        a, b = getattr(got, f), getattr(ref, f)
+        assert (a is None) == (b is None), f
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, f
+            assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), f
+            assert a.flags.writeable, f
 
 
 # ---- data --------------------------------------------------------------------

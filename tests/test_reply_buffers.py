@@ -19,12 +19,13 @@ import pytest
 from memoryd.wire import reply_pool
 from knnlayer.client import MemoryClient
 from memoryd.wire import shm
+from memoryd.wire.search import FIELDS
+from reference import assert_same_result as assert_same
 from memoryd.api import BankSpec
 from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded, UnknownReplyBuffer
 from memoryd.engine import LocalMemory
 from memoryd.daemon.server import create_server
 
-FIELDS = ("ids", "scores", "bank", "values", "keys")
 
 
 class Clock:
@@ -181,16 +182,6 @@ def rig(tmp_path):
 
 def queries(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, 16)).astype(np.float32)
-
-
-def assert_same(got, ref) -> None:
-    for f in FIELDS:
-        a, b = getattr(got, f), getattr(ref, f)
-        assert (a is None) == (b is None), f
-        if a is not None:
-            assert a.dtype == b.dtype and a.shape == b.shape, f
-            assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), f
-            assert a.flags.writeable, f
 
 
 def test_replies_come_through_shared_memory_from_the_second_search_on(rig, tmp_path):

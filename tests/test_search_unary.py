@@ -24,8 +24,9 @@ from memoryd.v1 import memory_pb2_grpc as pb_grpc
 from memoryd.wire import search as search_wire
 from memoryd.wire import reply_pool, shm, streams
 from memoryd.wire.tensors import encode
+from memoryd.wire.search import FIELDS
+from reference import assert_same_result as assert_same
 
-FIELDS = ("ids", "scores", "bank", "values", "keys")
 DIM = 16
 
 
@@ -81,16 +82,6 @@ def rig(tmp_path):
 
 def queries(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
-
-
-def assert_same(got, ref) -> None:
-    for f in FIELDS:
-        a, b = getattr(got, f), getattr(ref, f)
-        assert (a is None) == (b is None), f
-        if a is not None:
-            assert a.dtype == b.dtype and a.shape == b.shape, f
-            assert np.array_equal(a.view(np.uint8), b.view(np.uint8)), f
-            assert a.flags.writeable, f
 
 
 def streaming(rig, client: MemoryClient) -> MemoryClient:
