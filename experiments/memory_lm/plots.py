@@ -38,11 +38,7 @@ def pareto(results: dict, out: Path) -> Path:
     ax.set_ylabel("gain: P - SymPy-val bpb")
     ax.set_title("Fine-tuning on SymPy: gain vs forgetting along the steps")
     ax.legend()
-    path = out / "gain_vs_forgetting.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "gain_vs_forgetting.png")
 
 
 def session_curve(results: dict, out: Path) -> Path:
@@ -64,7 +60,10 @@ def session_curve(results: dict, out: Path) -> Path:
     ax.set_ylabel("bpb on the eval spans")
     ax.set_title(f"Session memory on {len(s['docs'])} long documents ({s['scored_bytes']:,} bytes)")
     ax.legend()
-    path = out / "session_memory.png"
+    return _save(plt, fig, out / "session_memory.png")
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
