@@ -21,6 +21,9 @@ def __getattr__(name):  # lazy: importing the package must not start gRPC or tor
     if name == "MemoryClient":
         from knnlayer.client import MemoryClient
         return MemoryClient
+    if name == "ClientTLS":                  # MemoryClient(addr, tls=ClientTLS(ca=...))
+        from memoryd.wire.tls import ClientTLS
+        return ClientTLS
     if name == "create_base_bank":
         from knnlayer.bank_tools import create_base_bank
         return create_base_bank
@@ -30,7 +33,7 @@ def __getattr__(name):  # lazy: importing the package must not start gRPC or tor
     raise AttributeError(name)
 
 
-__all__ = ["BankInfo", "BankQuery", "BankSpec", "GetResult", "KNNAttention", "KNNAttentionConfig",
+__all__ = ["BankInfo", "BankQuery", "BankSpec", "ClientTLS", "GetResult", "KNNAttention", "KNNAttentionConfig",
            "MemorizingAttention", "MemorizingConfig", "MemoryBackend", "MemoryClient",
            "PromoteResult", "RowStacks", "SearchResult", "SessionInfo", "SessionSpec", "Stats",
            "TenantInfo", "create_base_bank", *DOMAIN_TOOLS]

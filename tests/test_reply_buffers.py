@@ -51,7 +51,10 @@ def test_a_buffer_is_a_file_in_the_daemons_folder_unlinked_at_first_use(tmp_path
     b = bufs.open(10_000)
     assert b.size == 12_288                                 # whole pages
     assert b.path.parent == folder
-    assert stat.S_IMODE(b.path.stat().st_mode) == 0o640 & ~umask()   # group: read only
+    assert stat.S_IMODE(b.path.stat().st_mode) == 0o600 & ~umask()   # the daemon's user only
+    (tmp_path / "g").mkdir()
+    grouped = shm.ReplyBuffers(tmp_path / "g", file_mode=0o640).open(4096)   # socket-group daemon
+    assert stat.S_IMODE(grouped.path.stat().st_mode) == 0o640 & ~umask()     # group: read only
     client = shm.MappedReplyBuffer(b.handle, str(b.path), b.size, shm.HEADER)
     ids = np.arange(12, dtype=np.int64).reshape(3, 4)
     vals = np.linspace(0, 1, 30, dtype=np.float16).reshape(3, 10)
@@ -264,7 +267,7 @@ def test_a_full_daemon_means_inline_replies_not_an_error(rig, tmp_path):
     c = start(bufs)
     asked = []
     real_open = bufs.open
-    bufs.open = lambda size: asked.append(size) or real_open(size)
+    bufs.open = lambda size, owner=None: asked.append(size) or real_open(size, owner)
     q = queries(3000)
     ref = mem.search("b", q, 20, values=True)                        # ~4.6 MiB: an 8 MiB buffer
     for _ in range(3):

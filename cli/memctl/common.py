@@ -1,7 +1,8 @@
 """What every memctl command shares: one-line errors, parameter types (sizes,
 durations, BANK=VALUE pairs), backend selection and the backend options.
 
-The backend options (--address, --data-dir, --catalog-url, --timeout) are
+The backend options (--address, --data-dir, --catalog-url, --timeout, and for
+a daemon --token and --tls-ca/--tls-cert/--tls-key) are
 accepted both on the group (`memctl --address X bank list`) and on each
 command (`memctl bank list --address X`); `with_backend` resolves them in
 this order: the command's command line, the group's command line, the
@@ -26,7 +27,9 @@ from memoryd.sizes import parse_size
 DEFAULT_SOCKET = Path("mem") / "memoryd.sock"
 ADDRESS_ENV = ["MEMCTL_ADDRESS", "MEMORYD_ADDRESS"]
 DEBUG_ENV = "MEMCTL_DEBUG"
-BACKEND_PARAMS = ("address", "data_dir", "catalog_url", "timeout")
+BACKEND_PARAMS = ("address", "data_dir", "catalog_url", "timeout", "token", "tls_ca", "tls_cert",
+                  "tls_key")
+TOKEN_ENV = "MEMCTL_TOKEN"
 
 
 # ---- errors -------------------------------------------------------------------
@@ -202,16 +205,21 @@ def resolve_target(ctx: click.Context, address: str | None,
                                f"(or start memoryd with its socket at ./{DEFAULT_SOCKET})")
 
 
-def open_backend(target: tuple[str, str], catalog_url: str | None, timeout: float | None):
+def open_backend(target: tuple[str, str], catalog_url: str | None, timeout: float | None,
+                 token: str | None = None, tls: tuple = (None, None, None)):
+    """tls: (ca, cert, key) files, any of them None; all None: no TLS."""
     kind, where = target
     if kind == "address":
         from knnlayer.client import MemoryClient
         from memoryd.wire.channel import probe
+        from memoryd.wire.tls import ClientTLS
 
         probe(where)             # nothing listening: say so now, not after gRPC's retries
+        security = {"token": token or None,
+                    "tls": ClientTLS(*tls) if any(tls) else None}
         if timeout is not None:  # also bounds the wait for the daemon to answer
-            return MemoryClient(where, timeout=timeout, wait_ready=timeout)
-        return MemoryClient(where)
+            return MemoryClient(where, timeout=timeout, wait_ready=timeout, **security)
+        return MemoryClient(where, **security)
     from memoryd.engine import LocalMemory
 
     return LocalMemory(where, catalog_url=catalog_url)
@@ -240,6 +248,20 @@ def backend_options(envvars: bool = True) -> list:
                           "[default: SQLite in the data dir]"),
         click.option("--timeout", type=float, envvar=env("MEMCTL_TIMEOUT"), metavar="SECONDS",
                      help="per-call deadline when talking to a daemon"),
+        click.option("--token", envvar=env(TOKEN_ENV), metavar="TOKEN",
+                     help="API token sent with every call (a daemon run with --auth needs one)"
+                          + env_note(f"env {TOKEN_ENV}")),
+        click.option("--tls-ca", envvar=env("MEMCTL_TLS_CA"), metavar="PEM",
+                     type=click.Path(dir_okay=False),
+                     help="dial the daemon with TLS, trusting this CA"
+                          + env_note("env MEMCTL_TLS_CA")),
+        click.option("--tls-cert", envvar=env("MEMCTL_TLS_CERT"), metavar="PEM",
+                     type=click.Path(dir_okay=False),
+                     help="client certificate for a mutual-TLS daemon (with --tls-key)"
+                          + env_note("env MEMCTL_TLS_CERT")),
+        click.option("--tls-key", envvar=env("MEMCTL_TLS_KEY"), metavar="PEM",
+                     type=click.Path(dir_okay=False),
+                     help="client key for --tls-cert" + env_note("env MEMCTL_TLS_KEY")),
     ]
 
 
@@ -248,15 +270,17 @@ def with_backend(fn):
     first argument, and it is closed when the command returns."""
 
     @functools.wraps(fn)
-    def wrapper(*args, address, data_dir, catalog_url, timeout, **kwargs):
+    def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
-        settings = backend_settings(ctx, {"address": address, "data_dir": data_dir,
-                                          "catalog_url": catalog_url, "timeout": timeout})
+        settings = backend_settings(ctx, {p: kwargs.pop(p) for p in BACKEND_PARAMS})
         target = resolve_target(ctx, None, None, settings)
         where = f"memoryd at {target[1]} " if target[0] == "address" else ""
         ctx.meta["memctl.target"] = target
         with cli_errors(where):
-            backend = open_backend(target, settings["catalog_url"][0], settings["timeout"][0])
+            backend = open_backend(target, settings["catalog_url"][0], settings["timeout"][0],
+                                   settings["token"][0],
+                                   tuple(settings[p][0] for p in ("tls_ca", "tls_cert",
+                                                                  "tls_key")))
         try:
             with cli_errors(where):
                 return fn(backend, *args, **kwargs)

@@ -45,6 +45,20 @@ def main() -> None:
                                 "'off': none, every reply goes through the socket).")
 @click.option("--shm-bytes", help=f"Reply buffers' total size (default "
                                   f"{format_size(DEFAULT_TOTAL_BYTES)}; 0: none).")
+@click.option("--auth/--no-auth", default=None,
+              help="Require an API token on every call but health (make the first with "
+                   "`memctl --data-dir DIR token create --admin`). [default: off]")
+@click.option("--socket-mode", metavar="OCTAL",
+              help="Mode of the unix socket (default 0600: this user only; 0660 with "
+                   "--socket-group).")
+@click.option("--socket-group", metavar="GROUP",
+              help="Group of the unix socket, whose members may connect (and map reply "
+                   "buffers read-only).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="TLS certificate chain (PEM) for a TCP --listen; needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False),
+              help="Mutual TLS: accept only clients whose certificate this CA (PEM) signed.")
 def serve(config_file, **flags) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C.
 
@@ -56,6 +70,9 @@ def serve(config_file, **flags) -> None:
       memoryd serve --data-dir ./mem
       memoryd serve --data-dir /var/lib/memoryd --listen 127.0.0.1:7070 --log-level debug
       MEMORYD_DATA_DIR=/data memoryd serve --config /etc/memoryd.toml
+      memoryd serve --data-dir ./mem --auth --socket-group memoryd
+      memoryd serve --data-dir ./mem --auth --listen 0.0.0.0:7443 \\
+          --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem
     """
     # A daemon shares its host's cores with the models it serves: FAISS's
     # OpenMP threads must sleep between searches, not spin (libgomp's default
@@ -82,7 +99,13 @@ def serve(config_file, **flags) -> None:
 @click.option("--wait", "wait_s", default=0.0, type=click.FloatRange(min=0),
               help="Keep asking for up to this many seconds until it is SERVING "
                    "(e.g. right after starting it). [default: ask once]")
-def health(address: str, service: str, timeout: float, wait_s: float) -> None:
+@click.option("--tls-ca", type=click.Path(dir_okay=False),
+              help="Dial with TLS, trusting this CA (PEM).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="Client certificate (PEM) for a mutual-TLS daemon; needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="Client key (PEM).")
+def health(address: str, service: str, timeout: float, wait_s: float, tls_ca, tls_cert,
+           tls_key) -> None:
     """Exit 0 if the daemon reports SERVING, 1 otherwise (for HEALTHCHECK/probes).
 
     \b
@@ -90,19 +113,31 @@ def health(address: str, service: str, timeout: float, wait_s: float) -> None:
       memoryd health --address 127.0.0.1:7070
       memoryd health --address unix:///run/memoryd/memoryd.sock --service memoryd.v1.Memory
       memoryd serve --data-dir ./mem & memoryd health --address unix:mem/memoryd.sock --wait 30
+      memoryd health --address 127.0.0.1:7443 --tls-ca ca.pem --tls-cert client.pem --tls-key client.key
     """
     import time
 
     import grpc
 
     from memoryd.daemon.server import health_status
+    from memoryd.errors import InvalidArgument
+    from memoryd.wire.tls import ClientTLS
+
+    tls = None
+    if tls_ca or tls_cert or tls_key:
+        try:
+            tls = ClientTLS(ca=tls_ca, cert=tls_cert, key=tls_key)
+        except InvalidArgument as e:
+            raise click.UsageError(str(e)) from None
 
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            status = health_status(address, service, timeout)
+            status = health_status(address, service, timeout, tls=tls)
         except grpc.RpcError as e:
             status, error = None, f"{e.code().name}: {e.details()}"
+        except InvalidArgument as e:         # an unreadable certificate file
+            raise click.UsageError(str(e)) from None
         if status == "SERVING" or time.monotonic() >= deadline:
             break
         time.sleep(0.1)

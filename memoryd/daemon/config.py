@@ -14,9 +14,16 @@ A TOML file holds the same keys as Config, at top level:
     grace_s = 20
     shm_dir = "/dev/shm"                 # reply buffers for same-host clients; "off" = none
     shm_bytes = "1GiB"                   # all reply buffers together (the default)
+    auth = true                          # every RPC but health needs a token (memoryd.auth)
+    socket_mode = "0660"                 # of the unix socket (default 0600; 0660 with a group)
+    socket_group = "memoryd"             # who may connect besides the daemon's user
+    tls_cert = "/etc/memoryd/server.pem" # TLS on a TCP listen address, with tls_key
+    tls_key = "/etc/memoryd/server.key"
+    tls_client_ca = "/etc/memoryd/ca.pem"   # mutual TLS: clients need a cert this CA signed
 
 `listen` defaults to the unix socket `<data_dir>/memoryd.sock`; `catalog_url`
 defaults to None, which LocalMemory turns into `sqlite:///<data_dir>/catalog.db`.
+Relative TLS paths in a file are read relative to the file's folder.
 """
 from __future__ import annotations
 
@@ -29,6 +36,7 @@ from typing import Any, Mapping
 from memoryd.sizes import parse_size
 from memoryd.wire import channel
 from memoryd.wire.shm import DEFAULT_TOTAL_BYTES
+from memoryd.wire.tls import ServerTLS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 16             # RPC worker threads
@@ -53,11 +61,23 @@ class Config:
     grace_s: float = GRACE_S
     shm_dir: Path | None = None       # reply buffers' folder; None: /dev/shm if usable
     shm_bytes: int = DEFAULT_TOTAL_BYTES   # all reply buffers together; 0: buffers off
+    auth: bool = False                # True: tokens required (memoryd.auth)
+    socket_mode: int = 0o600          # of a unix socket; 0o660 by default with socket_group
+    socket_group: str | None = None   # group of a unix socket (name or gid)
+    tls_cert: Path | None = None      # TLS (TCP only): certificate chain and key, PEM
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: the CA client certs must chain to
 
     @property
     def socket_path(self) -> Path | None:
         path = channel.socket_path(self.listen)
         return None if path is None else Path(path)
+
+    @property
+    def tls(self) -> ServerTLS | None:
+        if self.tls_cert is None:
+            return None
+        return ServerTLS(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 def load(config_file: str | Path | None = None, env: Mapping[str, str] | None = None,
@@ -89,8 +109,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
                           f"known: {', '.join(f.name for f in fields(Config))}")
     # A data dir written in a file is read relative to that file, not to
     # wherever the daemon happens to be started from.
-    if isinstance(raw.get("data_dir"), str) and not Path(raw["data_dir"]).is_absolute():
-        raw["data_dir"] = str(path.resolve().parent / raw["data_dir"])
+    for key in ("data_dir", "tls_cert", "tls_key", "tls_client_ca"):
+        if isinstance(raw.get(key), str) and not Path(raw[key]).expanduser().is_absolute():
+            raw[key] = str(path.resolve().parent / raw[key])
     return raw
 
 
@@ -120,11 +141,46 @@ def _typed(raw: dict[str, Any]) -> Config:
     if str(shm_dir).lower() == "off":
         shm_dir, shm_bytes = None, 0
     return Config(
+        **_security(raw, path is not None),
         data_dir=data_dir, listen=listen, catalog_url=raw.get("catalog_url") or None,
         max_workers=_number(raw, "max_workers", MAX_WORKERS, int, 1),
         log_level=log_level, grace_s=_number(raw, "grace_s", GRACE_S, float, 0),
         shm_dir=Path(str(shm_dir)).expanduser() if shm_dir else None,
         shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", DEFAULT_TOTAL_BYTES, int, 0))
+
+
+def _security(raw: dict[str, Any], unix: bool) -> dict[str, Any]:
+    """auth, socket_mode/socket_group and TLS settings, checked together."""
+    auth = raw.get("auth", False)
+    if not isinstance(auth, bool):
+        raise ConfigError(f"auth must be true or false; got {auth!r}")
+    group = raw.get("socket_group")
+    group = str(group) if group not in (None, "") else None
+    mode = raw.get("socket_mode")
+    if mode is None:
+        mode = 0o660 if group is not None else 0o600
+    elif isinstance(mode, str):
+        try:
+            mode = int(mode.removeprefix("0o"), 8)
+        except ValueError:
+            raise ConfigError(f"socket_mode must be octal, e.g. 0600 or 0660; got {mode!r}") \
+                from None
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        raise ConfigError(f"socket_mode must be octal permission bits such as 0600 or 0660 "
+                          f"(in TOML: \"0660\" or 0o660); got {mode!r}")
+    tls = {k: Path(str(raw[k])).expanduser() if raw.get(k) else None
+           for k in ("tls_cert", "tls_key", "tls_client_ca")}
+    if (tls["tls_cert"] is None) != (tls["tls_key"] is None):
+        raise ConfigError("TLS needs both tls_cert and tls_key (--tls-cert, --tls-key)")
+    if tls["tls_client_ca"] is not None and tls["tls_cert"] is None:
+        raise ConfigError("tls_client_ca (mutual TLS) needs tls_cert and tls_key too")
+    if tls["tls_cert"] is not None and unix:
+        raise ConfigError("TLS is for a TCP listen address (host:port); a unix socket is "
+                          "guarded by its mode and group (socket_mode, socket_group)")
+    for key, p in tls.items():
+        if p is not None and not p.is_file():
+            raise ConfigError(f"{key}: no such file {p}")
+    return {"auth": auth, "socket_mode": mode, "socket_group": group, **tls}
 
 
 def _number(raw: dict[str, Any], key: str, default, kind: type, minimum):

@@ -33,6 +33,9 @@ SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]
 # call metadata: who is calling, printable ASCII ("<host>:<pid>" by default;
 # the daemon's Stats.stacks shows it; without it the daemon uses the peer address)
 CLIENT_METADATA = "x-memoryd-client"
+# call metadata: the API token, `Bearer mdt_<id>_<secret>` (memoryd.auth; the
+# standard HTTP header, so proxies and other-language clients know it)
+AUTH_METADATA = "authorization"
 
 
 def grpc_target(address: str) -> str:

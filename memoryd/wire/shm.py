@@ -11,10 +11,13 @@ Lifecycle (the daemon owns every buffer, as Triton's system shared memory
 does with the roles swapped, so a client can never point it at a file):
 
     OpenReplyBuffer(size)  daemon creates <dir>/memoryd-<uid>/memoryd-<pid>-<handle>
-                           (mode 0640 less the umask: the daemon's group may
-                           map it read-only, as the clients in group memoryd
-                           of deploy/memoryd.service do; the folder is 0710,
-                           so nobody else can list the handles in the names),
+                           (mode 0600 less the umask; 0640 when the daemon's
+                           socket is open to its group, which may then map it
+                           read-only, as the clients in group memoryd of
+                           deploy/memoryd.service do; the folder is 0710, so
+                           nobody else can list the handles in the names),
+                           owned by the caller's token (auth on): the
+                           handle of another token is unknown to it,
                            reserves its pages (posix_fallocate: a full tmpfs
                            is an error here, never a SIGBUS later), writes
                            MAGIC + handle in the header, maps it
@@ -105,20 +108,22 @@ class Placed:
 class ReplyBufferFile:
     """One buffer, daemon side: the file's mapping and the lock writers hold.
 
-    Trust: the file is 0640 (less the umask), so only the daemon's own user
-    can write it. A process of that user could truncate it under the
+    Trust: the file is 0600 or 0640 (less the umask), so only the daemon's own
+    user can write it. A process of that user could truncate it under the
     daemon's mapping (a SIGBUS), but it could as well kill the daemon; other
     users (the daemon's group) map it read-only and cannot. pwrite instead of
     the mapping would remove even that, at ~2 ms per 18 MiB reply here (2.7
     vs 0.7 ms), a tenth of the whole remote overhead.
     """
 
-    def __init__(self, path: Path, handle: str, size: int, now: float):
+    def __init__(self, path: Path, handle: str, size: int, now: float, *,
+                 mode: int = 0o600, owner: str | None = None):
         self.path, self.handle, self.size = path, handle, size
+        self.owner = owner                           # the token that opened it (None: auth off)
         self.lock = threading.Lock()                 # held by read, place and close
         self.last_used = now
         self.unlinked = self.closed = False
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)   # less the umask
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode)   # less the umask
         try:
             try:
                 os.posix_fallocate(fd, 0, HEADER + size)
@@ -178,10 +183,15 @@ class ReplyBuffers:
     """The daemon's open reply buffers: open, look up by handle, close, expire."""
 
     def __init__(self, directory: Path | None = None, *, total_bytes: int = DEFAULT_TOTAL_BYTES,
-                 idle_s: float = DEFAULT_IDLE_S, clock: Callable[[], float] = time.monotonic):
-        """directory: where the daemon's own folder memoryd-<uid> goes (None: buffers off)."""
+                 idle_s: float = DEFAULT_IDLE_S, clock: Callable[[], float] = time.monotonic,
+                 file_mode: int = 0o600):
+        """directory: where the daemon's own folder memoryd-<uid> goes (None: buffers off);
+        file_mode: of each buffer (0o640: the daemon's group maps them read-only)."""
+        if file_mode & ~0o640:
+            raise ValueError(f"reply buffer mode {file_mode:o}: at most owner rw, group r")
         self.directory = own_folder(directory) if directory is not None else None
         self.total_bytes, self.idle_s, self.clock = total_bytes, idle_s, clock
+        self.file_mode = file_mode
         self._open: dict[str, ReplyBufferFile] = {}
         self._reserved = 0                   # bytes of buffers being created (outside the lock)
         self._lock = threading.Lock()
@@ -197,7 +207,7 @@ class ReplyBuffers:
         with self._lock:
             return sum(b.size for b in self._open.values())
 
-    def open(self, size: int) -> ReplyBufferFile:
+    def open(self, size: int, owner: str | None = None) -> ReplyBufferFile:
         if not self.enabled:
             raise FailedPrecondition("reply buffers are off on this daemon (no shared-memory dir)")
         if not 0 < size <= min(MAX_BUFFER_BYTES, self.total_bytes):
@@ -213,7 +223,7 @@ class ReplyBuffers:
             self._reserved += size
         try:                                 # fallocate of up to 1 GiB: searches go on meanwhile
             buf = ReplyBufferFile(self.directory / f"memoryd-{os.getpid()}-{handle}", handle,
-                                  size, self.clock())
+                                  size, self.clock(), mode=self.file_mode, owner=owner)
         finally:
             with self._lock:
                 self._reserved -= size
@@ -221,22 +231,28 @@ class ReplyBuffers:
             self._open[handle] = buf
         return buf
 
-    def get(self, handle: str) -> ReplyBufferFile:
+    def get(self, handle: str, owner: str | None = None) -> ReplyBufferFile:
+        """The open buffer of that handle and owner (another owner's is as unknown
+        as a closed one: its queries and replies are its owner's alone)."""
         now = self.clock()
         if now - self._last_expiry > 1.0:    # dead clients' buffers go even if nobody opens one
             self._last_expiry = now
             self.expire()
         with self._lock:
             buf = self._open.get(handle)
-        if buf is None:
+        if buf is None or buf.owner != owner:
             raise UnknownReplyBuffer(f"reply buffer '{handle[:8]}…' is not open on this daemon "
                                      "(closed or idle too long): open another")
         buf.last_used = self.clock()
         return buf
 
-    def close(self, handle: str) -> None:
+    def close(self, handle: str, owner: str | None = None) -> None:
         with self._lock:
-            buf = self._open.pop(handle, None)
+            buf = self._open.get(handle)
+            if buf is not None and buf.owner == owner:
+                del self._open[handle]
+            else:
+                buf = None
         if buf is None:
             raise UnknownReplyBuffer(f"reply buffer '{handle[:8]}…' is not open on this daemon")
         with buf.lock:                       # after a write in flight
