@@ -30,6 +30,11 @@ same either way.
 The client names itself to the daemon (metadata `x-memoryd-client`, default
 "<hostname>:<pid>"); a call's `caller=` names someone else for that call
 (e.g. a router forwarding its own clients' requests).
+
+Security: `token=` (an API token, `memctl token create`) goes with every call
+as `authorization: Bearer <token>`, required by a daemon run with --auth; a
+caller= never changes the token, so it names but never elevates. `tls=`
+(a ClientTLS: the CA, and a client cert for mutual TLS) dials TCP with TLS.
 """
 from __future__ import annotations
 
@@ -51,9 +56,11 @@ from memoryd.v1 import memory_pb2_grpc as pb_grpc
 from memoryd.wire import fastwire, status, streams
 from memoryd.wire import messages as msg
 from memoryd.wire import search as search_wire
-from memoryd.wire.channel import CLIENT_METADATA, CLIENT_OPTIONS, grpc_target
+from memoryd.wire.channel import AUTH_METADATA, CLIENT_METADATA, CLIENT_OPTIONS, grpc_target
 from memoryd.wire.reply_pool import ReplyBufferPool
 from memoryd.wire.tensors import decode, encode
+from memoryd.wire import tokens as token_wire
+from memoryd.wire.tls import ClientTLS, secure_channel
 
 _WIRE_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
@@ -119,6 +126,16 @@ def _client_name(name: str | None) -> str:
     return name
 
 
+def _auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    if token is None:
+        return ()
+    token = token.strip() if isinstance(token, str) else token
+    if not isinstance(token, str) or not token or not all(" " < c <= "~" for c in token):
+        raise errors.InvalidArgument("token must be printable ASCII without spaces "
+                                     "(mdt_<id>_<secret>)")
+    return ((AUTH_METADATA, f"Bearer {token}"),)
+
+
 def _opt_float(x: Any, what: str) -> float | None:
     """None, or x as a float for a proto3 `optional double` (the server validates it)."""
     if x is None:
@@ -132,11 +149,15 @@ class MemoryClient:
     """A MemoryBackend that talks to memoryd over gRPC."""
 
     def __init__(self, address: str, *, timeout: float | None = None, wait_ready: float = 10.0,
-                 client_name: str | None = None, reply_buffers: bool | None = None):
+                 client_name: str | None = None, reply_buffers: bool | None = None,
+                 token: str | None = None, tls: ClientTLS | None = None):
         self.address = address
         self.timeout = timeout
         self.client_name = _client_name(client_name)
-        self._channel = grpc.insecure_channel(grpc_target(address), options=CLIENT_OPTIONS)
+        self._auth = _auth_metadata(token)
+        self._channel = (secure_channel(grpc_target(address), tls, CLIENT_OPTIONS)
+                         if tls is not None
+                         else grpc.insecure_channel(grpc_target(address), options=CLIENT_OPTIONS))
         self._stub = pb_grpc.MemoryStub(self._channel)
         # Search replies are read by fastwire: zero-copy views of the message
         # bytes instead of protobuf objects (the same wire format).
@@ -178,7 +199,7 @@ class MemoryClient:
     def _opts(self, caller: Caller | None = None) -> dict[str, Any]:
         """Keyword arguments of every call: the timeout and who is calling."""
         name = self.client_name if caller is None else _client_name(caller.name)
-        return {"timeout": self.timeout, "metadata": ((CLIENT_METADATA, name),)}
+        return {"timeout": self.timeout, "metadata": ((CLIENT_METADATA, name), *self._auth)}
 
     @_mapped
     def ping(self, payload: bytes = b"") -> bytes:
@@ -232,24 +253,27 @@ class MemoryClient:
     # -- data plane
     @_mapped
     def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None, *,
-            caller: Caller | None = None) -> np.ndarray:
+            ack: str | None = None, caller: Caller | None = None) -> np.ndarray:
         arrays = {"keys": _as_float32(keys),
                   "values": None if values is None else _as_values(values),
                   "ids": None if ids is None else _as_ids(ids)}
-        requests = streams.write_stream(pb.AddRequest, "bank", bank, arrays)
+        requests = streams.write_stream(pb.AddRequest, "bank", bank, arrays,
+                                        ack=msg.ack_to_pb(ack))
         reply = self._stub.Add(requests, **self._opts(caller))
         return decode(reply.ids, "ids").copy()
 
     @_mapped
-    def update_values(self, bank: str, ids: Any, values: Any, *,
+    def update_values(self, bank: str, ids: Any, values: Any, *, ack: str | None = None,
                       caller: Caller | None = None) -> int:
         arrays = {"ids": _as_ids(ids), "values": _as_values(values)}
-        requests = streams.write_stream(pb.UpdateValuesRequest, "bank", bank, arrays)
+        requests = streams.write_stream(pb.UpdateValuesRequest, "bank", bank, arrays,
+                                        ack=msg.ack_to_pb(ack))
         return self._stub.UpdateValues(requests, **self._opts(caller)).updated
 
     @_mapped
-    def remove(self, bank: str, ids: Any, *, caller: Caller | None = None) -> int:
-        req = pb.RemoveRequest(bank=bank, ids=encode(_as_ids(ids), "ids"))
+    def remove(self, bank: str, ids: Any, *, ack: str | None = None,
+               caller: Caller | None = None) -> int:
+        req = pb.RemoveRequest(bank=bank, ids=encode(_as_ids(ids), "ids"), ack=msg.ack_to_pb(ack))
         return self._stub.Remove(req, **self._opts(caller)).removed
 
     def search(self, banks: str | api.BankQuery | Sequence[str | api.BankQuery] | api.RowStacks,
@@ -326,11 +350,12 @@ class MemoryClient:
 
     @_mapped
     def append(self, session_id: str, keys: Any, values: Any = None, scores: Any = None, *,
-               caller: Caller | None = None) -> np.ndarray:
+               ack: str | None = None, caller: Caller | None = None) -> np.ndarray:
         arrays = {"keys": _as_float32(keys),
                   "values": None if values is None else _as_values(values),
                   "scores": None if scores is None else _as_float32(scores)}
-        requests = streams.write_stream(pb.AppendRequest, "session_id", session_id, arrays)
+        requests = streams.write_stream(pb.AppendRequest, "session_id", session_id, arrays,
+                                        ack=msg.ack_to_pb(ack))
         reply = self._stub.Append(requests, **self._opts(caller))
         return decode(reply.ids, "ids").copy()
 
@@ -363,13 +388,32 @@ class MemoryClient:
     @_mapped
     def promote_session(self, session_id: str, target: str, *, ids: Any = None,
                         min_score: float | None = None, dedup: float | None = None,
-                        move: bool = False, caller: Caller | None = None) -> api.PromoteResult:
+                        move: bool = False, ack: str | None = None,
+                        caller: Caller | None = None) -> api.PromoteResult:
         req = pb.PromoteSessionRequest(
             session_id=session_id, target=target,
             ids=None if ids is None else encode(_as_ids(ids), "ids"),
             min_score=_opt_float(min_score, "min_score"), dedup=_opt_float(dedup, "dedup"),
-            move=bool(move))
+            move=bool(move), ack=msg.ack_to_pb(ack))
         return msg.promote_from_pb(self._stub.PromoteSession(req, **self._opts(caller)))
+
+    # -- backup plane (paths on the daemon's host)
+    @_mapped
+    def snapshot_bank(self, name: str, path: str, *,
+                      caller: Caller | None = None) -> api.SnapshotInfo:
+        req = pb.SnapshotBankRequest(name=name, path=str(path))
+        return msg.snapshot_from_pb(self._stub.SnapshotBank(req, **self._opts(caller)))
+
+    @_mapped
+    def restore_bank(self, path: str, name: str | None = None, *,
+                     caller: Caller | None = None) -> api.BankInfo:
+        req = pb.RestoreBankRequest(path=str(path), name=name or "")
+        return msg.info_from_pb(self._stub.RestoreBank(req, **self._opts(caller)))
+
+    @_mapped
+    def backup(self, path: str, *, caller: Caller | None = None) -> api.SnapshotInfo:
+        return msg.snapshot_from_pb(self._stub.Backup(pb.BackupRequest(path=str(path)),
+                                                      **self._opts(caller)))
 
     # -- tenant plane
     @_mapped
@@ -387,3 +431,22 @@ class MemoryClient:
     def list_tenants(self, *, caller: Caller | None = None) -> list[api.TenantInfo]:
         reply = self._stub.ListTenants(pb.ListTenantsRequest(), **self._opts(caller))
         return [msg.tenant_from_pb(t) for t in reply.tenants]
+
+    # -- token plane (admin tokens only)
+    @_mapped
+    def create_token(self, tenant: str | None = None, role: str = "write", name: str = "", *,
+                     caller: Caller | None = None) -> api.CreatedToken:
+        req = pb.CreateTokenRequest(tenant=tenant or "", role=role, name=name)
+        return token_wire.created_from_pb(self._stub.CreateToken(req, **self._opts(caller)))
+
+    @_mapped
+    def list_tokens(self, tenant: str | None = None, *,
+                    caller: Caller | None = None) -> list[api.TokenInfo]:
+        reply = self._stub.ListTokens(pb.ListTokensRequest(tenant=tenant or ""),
+                                      **self._opts(caller))
+        return [token_wire.token_from_pb(t) for t in reply.tokens]
+
+    @_mapped
+    def revoke_token(self, token_id: str, *, caller: Caller | None = None) -> api.TokenInfo:
+        reply = self._stub.RevokeToken(pb.RevokeTokenRequest(id=token_id), **self._opts(caller))
+        return token_wire.token_from_pb(reply)

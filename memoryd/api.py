@@ -6,8 +6,9 @@ The operations come in four planes, each a Protocol:
     AdminPlane     create/info/list/delete/freeze banks, quota, tier, stats
     SessionPlane   open, append, info, list, extend, close, promote sessions
     TenantPlane    tenant quotas and usage
+    TokenPlane     API tokens: create, list, revoke (memoryd.auth)
 
-and `MemoryBackend` is all four plus `close`. `LocalMemory` (in-process,
+and `MemoryBackend` is all five plus `close`. `LocalMemory` (in-process,
 memoryd.engine) and `MemoryClient` (gRPC, knnlayer.client) implement it; the
 gRPC service, memctl and the attention layer only talk to these protocols,
 so a sharded multi-node backend plugs in at the same place. Every method
@@ -41,6 +42,7 @@ import numpy as np
 
 from memoryd.arrays import VALUE_DTYPES
 from memoryd.errors import InvalidArgument
+from memoryd.keyspace import check_index
 
 KINDS = ("base", "domain", "session")
 METRICS = ("l2", "ip")
@@ -52,6 +54,8 @@ MAX_DIM = 65536       # largest key (and value) dimension
 CHUNK_ROWS = 65536    # rows per piece when a bank moves in pieces: export chunks, import
                       # batches, the layer's bank tools
 MAX_KEY_VERSION = 128  # characters of BankSpec.key_version
+MAX_ID = (1 << 62) - 1  # largest id a caller may give (add ids=): the 2^62 ids above it stay
+                        # free for the ids a bank assigns, so assigned ids never overflow int64
 BANK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -95,6 +99,7 @@ class BankSpec:
         check_quota(self.quota_bytes)
         if not isinstance(self.index, str) or not self.index:
             raise InvalidArgument("index spec must be a non-empty faiss index_factory string")
+        check_index(self.index, self.dim)   # supported parts and bounded parameters only
         if not name_ok(self.tenant):
             raise InvalidArgument(f"bad tenant name {self.tenant!r}")
         if self.tier not in TIERS:
@@ -141,6 +146,14 @@ class BankInfo:
     created_at: float = 0.0
     updated_at: float = 0.0
     tier_bytes: dict[str, int] = field(default_factory=dict)   # {"ram"|"disk"|"gpu": bytes}
+    # used_bytes split: what the rows are (ids, keys, values, a session's
+    # scores, each held once) and what the index adds (graph links,
+    # centroids, its own codes); index = used_bytes - data_bytes
+    data_bytes: int = 0
+
+    @property
+    def index_bytes(self) -> int:
+        return self.used_bytes - self.data_bytes
 
     @property
     def name(self) -> str:
@@ -149,6 +162,7 @@ class BankInfo:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(d.pop("spec"))
+        d["index_bytes"] = self.index_bytes
         return d
 
 
@@ -323,29 +337,67 @@ class ExportChunk:
     values: np.ndarray | None          # (n, value_dim) or None for key-only banks
 
 
+RIGHTS = ("read", "write", "admin")   # what a token allows (memoryd.auth.rights)
+ROLES = {"read": frozenset({"read"}), "write": frozenset({"read", "write"}),
+         "admin": frozenset(RIGHTS)}   # a token's role -> its rights
+
+
 @dataclass(frozen=True)
 class Caller:
-    """Who makes a request: the name in Stats.stacks (and, later, whose
-    permissions apply). The daemon builds one per call from the call's
-    metadata; in-process callers may pass their own."""
+    """Who makes a request and what it may do. The daemon builds one per call
+    from the call's metadata (with `memoryd serve --auth`: from its token); an
+    in-process caller may pass its own. The defaults are the owner's: every
+    right on every tenant, so `Caller("name")` only names someone (Stats.stacks)."""
 
     name: str
+    tenant: str | None = None          # the one tenant it acts within; None: every tenant
+    rights: frozenset = ROLES["admin"]  # of RIGHTS
+    token_id: str | None = None        # the token it came with (owns its reply buffers)
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """An API token as the catalog keeps it: never the secret, only its hash."""
+
+    id: str
+    tenant: str | None                 # None: an admin token, every tenant
+    role: str                          # read | write | admin (ROLES)
+    name: str = ""
+    created_at: float = 0.0
+    revoked_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CreatedToken:
+    info: TokenInfo
+    token: str                         # "mdt_<id>_<secret>": shown this once, stored hashed
 
 
 @runtime_checkable
 class DataPlane(Protocol):
-    """Rows in and out of banks."""
+    """Rows in and out of banks.
+
+    Every write (add, update_values, remove; append and promote_session
+    too) is one record of its bank's write-ahead log: all of it or none of
+    it across a crash. `ack` says what the reply promises: "applied" (the
+    default: logged and applied, survives a crash of the process) or
+    "durable" (fsync'd first, survives a power cut); see memoryd.storage.wal.
+    """
 
     def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None, *,
-            caller: Caller | None = None) -> np.ndarray: ...
+            ack: str | None = None, caller: Caller | None = None) -> np.ndarray: ...
     def search(self, banks: str | BankQuery | Sequence[str | BankQuery] | RowStacks,
                queries: Any, k: int, values: bool = True, keys: bool = False, *,
                caller: Caller | None = None) -> SearchResult: ...
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False, *,
             caller: Caller | None = None) -> GetResult: ...
-    def update_values(self, bank: str, ids: Any, values: Any, *,
+    def update_values(self, bank: str, ids: Any, values: Any, *, ack: str | None = None,
                       caller: Caller | None = None) -> int: ...
-    def remove(self, bank: str, ids: Any, *, caller: Caller | None = None) -> int: ...
+    def remove(self, bank: str, ids: Any, *, ack: str | None = None,
+               caller: Caller | None = None) -> int: ...
     def export(self, bank: str, chunk_rows: int = CHUNK_ROWS, *,
                caller: Caller | None = None) -> Iterator[ExportChunk]: ...
 
@@ -378,7 +430,7 @@ class SessionPlane(Protocol):
 
     def open_session(self, spec: SessionSpec, *, caller: Caller | None = None) -> SessionInfo: ...
     def append(self, session_id: str, keys: Any, values: Any = None, scores: Any = None, *,
-               caller: Caller | None = None) -> np.ndarray: ...        # read-your-writes
+               ack: str | None = None, caller: Caller | None = None) -> np.ndarray: ...  # read-your-writes
     def session_info(self, session_id: str, *, caller: Caller | None = None) -> SessionInfo: ...
     def list_sessions(self, tenant: str | None = None, *,
                       caller: Caller | None = None) -> list[SessionInfo]: ...
@@ -388,7 +440,8 @@ class SessionPlane(Protocol):
     def close_session(self, session_id: str, *, caller: Caller | None = None) -> int: ...
     def promote_session(self, session_id: str, target: str, *, ids: Any = None,
                         min_score: float | None = None, dedup: float | None = None,
-                        move: bool = False, caller: Caller | None = None) -> PromoteResult: ...
+                        move: bool = False, ack: str | None = None,
+                        caller: Caller | None = None) -> PromoteResult: ...
 
 
 @runtime_checkable
@@ -402,7 +455,43 @@ class TenantPlane(Protocol):
 
 
 @runtime_checkable
-class MemoryBackend(DataPlane, AdminPlane, SessionPlane, TenantPlane, Protocol):
+class TokenPlane(Protocol):
+    """API tokens (admin only): the secret of a new one is in CreatedToken.token,
+    once; revoking takes effect within the daemon's token cache TTL (1 s)."""
+
+    def create_token(self, tenant: str | None = None, role: str = "write", name: str = "", *,
+                     caller: Caller | None = None) -> CreatedToken: ...
+    def list_tokens(self, tenant: str | None = None, *,
+                    caller: Caller | None = None) -> list[TokenInfo]: ...
+    def revoke_token(self, token_id: str, *, caller: Caller | None = None) -> TokenInfo: ...
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A bank snapshot (memoryd.engine.backup) or, with bank "", a daemon backup."""
+
+    path: str                          # the folder, on the daemon's host
+    bank: str                          # the bank's name ("" for a backup)
+    count: int                         # rows (a backup: 0)
+    used_bytes: int
+    checksum: str                      # the bank's (a backup: "")
+    banks: tuple[str, ...] = ()        # a backup's banks
+
+
+@runtime_checkable
+class BackupPlane(Protocol):
+    """Snapshots and backups: folders on the daemon's host (admin only)."""
+
+    def snapshot_bank(self, name: str, path: str, *,
+                      caller: Caller | None = None) -> SnapshotInfo: ...
+    def restore_bank(self, path: str, name: str | None = None, *,
+                     caller: Caller | None = None) -> BankInfo: ...
+    def backup(self, path: str, *, caller: Caller | None = None) -> SnapshotInfo: ...
+
+
+@runtime_checkable
+class MemoryBackend(DataPlane, AdminPlane, SessionPlane, TenantPlane, TokenPlane, BackupPlane,
+                    Protocol):
     """Every plane: what LocalMemory and MemoryClient (and a sharded backend) offer."""
 
     def close(self) -> None: ...
@@ -466,3 +555,22 @@ def check_k(k: Any) -> int:
     if not 1 <= int(k) <= MAX_K:
         raise InvalidArgument(f"k must be in 1..{MAX_K}; got {k}")
     return int(k)
+
+
+MAX_RESULTS = 1 << 24          # nq * k of one search (ids of one get): 16.7M results
+MAX_REPLY_BYTES = 1 << 32      # the arrays of one search's (or get's) reply: 4 GiB
+
+
+def check_result_size(nq: int, k: int, payload_bytes: int = 0, what: str = "search") -> None:
+    """InvalidArgument before a search (or get) whose reply would be absurd: nq
+    queries x k results, each 16 bytes (id, score, bank) plus payload_bytes (its
+    value and key vectors, when asked), against MAX_RESULTS and MAX_REPLY_BYTES.
+    FAISS and numpy would otherwise allocate it (nq=100k, k=4096: 4.9 GB before the
+    merge) and either fail (MemoryError: INTERNAL) or get the daemon killed."""
+    results = int(nq) * int(k)
+    size = results * (16 + int(payload_bytes))
+    if results > MAX_RESULTS or size > MAX_REPLY_BYTES:
+        raise InvalidArgument(
+            f"{what} of {nq} queries x k={k} would return {results:,} results "
+            f"({size:,} bytes); at most {MAX_RESULTS:,} results and {MAX_REPLY_BYTES:,} bytes "
+            "a request: send fewer queries (or ids) per request, or a smaller k")

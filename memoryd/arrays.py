@@ -44,7 +44,10 @@ def to_numpy(x: Any) -> np.ndarray:
         if t.dtype == torch.bfloat16:
             return t.contiguous().view(torch.int16).numpy().view(BFLOAT16)
         return t.numpy()
-    return np.asarray(x)
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError, OverflowError) as e:   # ragged lists, ints past int64, ...
+        raise InvalidArgument(f"not an array: {type(x).__name__} ({e})") from None
 
 
 def _check_finite(a: np.ndarray, what: str) -> None:

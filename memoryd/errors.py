@@ -82,10 +82,48 @@ class Unavailable(MemorydError):
     code = "UNAVAILABLE"
 
 
+class Unauthenticated(MemorydError):
+    """The daemon requires a token (memoryd serve --auth) and the call has none,
+    or one it does not know, or a revoked one."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MemorydError):
+    """The caller's token is valid but lacks the right (read, write, admin), or
+    names another tenant (memoryd.auth.rights)."""
+
+    code = "PERMISSION_DENIED"
+
+
+class StorageUnwritable(Unavailable):
+    """The data dir refused a write (read-only, permissions, I/O error): the
+    write did not happen, what is stored is unchanged and reads go on."""
+
+    @staticmethod
+    def from_os_error(e: OSError, path) -> "MemorydError":
+        """StorageFull for a full disk or quota, StorageUnwritable otherwise."""
+        import errno
+
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        cls = StorageFull if full else StorageUnwritable
+        what = "is full" if full else "cannot be written"
+        return cls(f"the data dir {what} ({e.strerror or e}: {path}): the write was not "
+                   "applied; stored data is unchanged and reads go on")
+
+
+class StorageFull(MemorydError):
+    """The disk under the data dir is full (or a file may not grow): free space
+    or move the data dir; nothing of the refused write was stored."""
+
+    code = "RESOURCE_EXHAUSTED"
+    from_os_error = StorageUnwritable.from_os_error
+
+
 BY_CODE: dict[str, type[MemorydError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                QuotaExceeded, Unavailable, MemorydError)
+                QuotaExceeded, Unavailable, Unauthenticated, PermissionDenied, MemorydError)
 }
 
 
@@ -97,4 +135,5 @@ def reason(cls: type) -> str:
 # The classes a reason may name; a client never instantiates anything else.
 BY_REASON: dict[str, type[MemorydError]] = {reason(c): c for c in (
     InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, BankFrozen,
-    NeedsTraining, QuotaExceeded, Unavailable, UnknownReplyBuffer, ReplyTooLarge)}
+    NeedsTraining, QuotaExceeded, Unavailable, UnknownReplyBuffer, ReplyTooLarge, StorageFull,
+    StorageUnwritable, Unauthenticated, PermissionDenied)}

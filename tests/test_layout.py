@@ -26,10 +26,11 @@ LAYERS = {
     CORE: set(),
     "storage": {CORE},
     "wire": {CORE},
-    "engine": {CORE, "storage"},
-    "daemon": {CORE, "wire", "engine"},
+    "auth": {CORE},                   # token format, rights rules, token checks
+    "engine": {CORE, "storage", "auth"},
+    "daemon": {CORE, "wire", "engine", "auth"},
     "knnlayer": {CORE, "wire"},
-    "memctl": {CORE, "wire", "engine", "knnlayer"},
+    "memctl": {CORE, "wire", "engine", "knnlayer", "auth"},
     "tools": {CORE},
 }
 
@@ -38,7 +39,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts[0] in ("knnlayer", "memctl"):
         return parts[0]
-    if len(parts) > 1 and parts[1] in ("storage", "wire", "engine", "daemon"):
+    if len(parts) > 1 and parts[1] in ("storage", "wire", "engine", "daemon", "auth"):
         return parts[1]
     if module == "memoryd.protogen":
         return "tools"
@@ -79,7 +80,7 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_layers_are_folders(graph):
-    for folder in ("storage", "engine", "wire", "daemon"):
+    for folder in ("storage", "engine", "wire", "daemon", "auth"):
         assert f"memoryd.{folder}" in graph
     assert "memctl.cli" in graph and (ROOT / "cli" / "memctl" / "cli.py").exists()
     top = sorted(m for m in graph if m.count(".") == 1 and m.startswith("memoryd.")

@@ -112,7 +112,7 @@ def assert_same(a: dict, b: dict, *, same_dir=True, rebuilt_graphs=()):
         for field in ("ids", "keys", "values", "g_found", "g_values", "g_keys") + SEARCH_FIELDS:
             if name in rebuilt_graphs and field in SEARCH_FIELDS:
                 if field == "s_ids":
-                    assert recall(y[field], x[field]) >= 0.9, name
+                    assert recall(y[field], x[field]) >= 0.98, name   # measured 0.99, 1.0
                 continue
             if x[field] is None:
                 assert y[field] is None, (name, field)
@@ -198,17 +198,19 @@ def _shard_index_files(data_dir):
 
 
 def test_reopen_without_index_snapshots(tmp_path):
-    """The index files are a cache: with every shard's snapshot gone (a
-    process that never saved them), reopening rebuilds them from the rows."""
+    """An index snapshot holding codes of its own (IVF, a mapped HNSW) is a
+    cache: with those gone, reopening rebuilds them from the rows. (An HNSW
+    bank in RAM lends its vectors as the key column: its snapshot is where
+    its keys are held, once, and not a cache: see test_wal.)"""
     data = tmp_path / "data"
     mem = open_mem(data)
     populate(mem)
     populate_more(mem)
     before = snapshot(mem)
     mem.close()
-    files = _shard_index_files(data)
-    if not files:
-        pytest.skip("no per-shard index files in this storage layout")
+    hnsw_ram = {p.parent.parent for p in data.glob("banks/p-hnsw-*/shard-*/index.*.faiss")}
+    files = [f for f in _shard_index_files(data) if f.parent.parent not in hnsw_ram]
+    assert files                                          # IVF and mapped banks have some
     for f in files:
         f.unlink()
     mem = open_mem(data)

@@ -81,7 +81,7 @@ def test_product_key_bank_declares_every_bank_operation():
     method left out would make the class impossible to build)."""
     from memoryd.storage import Bank, BankStore, ProductKeyBank
     assert BankStore.__abstractmethods__ >= {
-        "plan_add", "add", "add_cost", "remove", "evict_oldest", "update_values", "searchers",
+        "plan_add", "add", "add_cost", "remove", "oldest_ids", "update_values", "searchers",
         "gather", "export_chunks", "set_tier", "checksum", "nbytes", "tier_bytes", "count"}
     for cls in (Bank, ProductKeyBank):
         assert issubclass(cls, BankStore) and not cls.__abstractmethods__, cls

@@ -82,9 +82,8 @@ def row_bytes(mem) -> tuple[int, int]:
     assert (three - one) % 2 == 0
     row = (three - one) // 2
     fixed = one - row
-    # ids + keys + values + the Flat index's code and id (what the README counts)
-    assert row == 8 + 4 * DIM + 4 * VDIM + 4 * DIM + 8
-    assert fixed > 0                                   # the Flat index's header
+    # id + key + value + score, once each: a Flat bank's index is its key column
+    assert row == 8 + 4 * DIM + 4 * VDIM + 4 and fixed == 0
     return fixed, row
 
 
@@ -413,6 +412,7 @@ def test_promote_over_target_quota_writes_nothing(rig, make_bank):
     target = _target(mem, make_bank)
     assert mem.bank_info(target).used_bytes == 0        # empty: nothing charged
     fixed, row = row_bytes(mem)                          # a 1-shard Flat bank, like the target
+    row -= 4                                             # but without the session's scores
     mem.set_quota(target, fixed + 5 * row + row // 2)   # room for 5 of the 6
     with pytest.raises(errors.QuotaExceeded) as e:
         mem.promote_session(sid, target, move=True)
@@ -559,3 +559,33 @@ def test_session_that_expired_while_down_is_gone_after_reopen(rig, clock):
     assert [s.session_id for s in mem.list_sessions()] == [keep]
     rig.local.reap_expired()
     assert tenant_used(mem) == baseline + mem.session_info(keep).bank.used_bytes
+
+
+def test_listing_banks_while_sessions_close_never_fails(tmp_path):
+    """bench_load found list_banks/stats INTERNAL when a session's folder went
+    between the catalog read and the sizing of its files."""
+    import threading
+    from memoryd.engine import LocalMemory
+    with LocalMemory(tmp_path / "d", reap_interval=None) as mem:
+        stop, errs, churned = threading.Event(), [], [0]
+
+        def churn():
+            while not stop.is_set():
+                s = mem.open_session(SessionSpec(dim=DIM, value_dim=VDIM))
+                mem.append(s.session_id, gaussian(4, DIM, 1), vals(4, 2))
+                mem.close_session(s.session_id)
+                churned[0] += 1
+
+        t = threading.Thread(target=churn)
+        t.start()
+        try:
+            for _ in range(1500):
+                try:
+                    mem.list_banks()
+                    mem.stats()
+                except Exception as e:   # noqa: BLE001 - any failure is the bug
+                    errs.append(repr(e))
+        finally:
+            stop.set()
+            t.join()
+        assert errs == [] and churned[0] > 20

@@ -7,8 +7,9 @@ knnlayer.client.MemoryClient) or opens a data directory in-process
 line and a non-zero exit status.
 
 This module is the `memctl` group and the status overview; the commands live
-by concept in memctl.banks (bank ...), memctl.data (import, export, search)
-and memctl.lifecycle (session ..., quota ...), and what they share (errors,
+by concept in memctl.banks (bank ...), memctl.data (import, export, search),
+memctl.lifecycle (session ..., quota ...), memctl.backups (bank snapshot,
+bank restore, backup), and what they share (errors,
 parameter types, backend selection) in memctl.common.
 """
 from __future__ import annotations
@@ -17,10 +18,12 @@ import click
 
 import memoryd
 from memctl import output
+from memctl.backups import backup, bank_restore, bank_snapshot
 from memctl.banks import bank
 from memctl.common import backend_options, describe_target, json_option, with_backend
 from memctl.data import export, import_, search
 from memctl.lifecycle import quota, session
+from memctl.tokens import token
 
 
 def _group_backend_options(fn):
@@ -32,7 +35,7 @@ def _group_backend_options(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(memoryd.__version__, prog_name="memctl")
 @_group_backend_options
-def main(address, data_dir, catalog_url, timeout):
+def main(**_backend_options):
     """Administer memoryd memory banks: create, size, fill, inspect, export.
 
     Talks to a running daemon (--address, or ./mem/memoryd.sock when it
@@ -45,6 +48,7 @@ def main(address, data_dir, catalog_url, timeout):
         memctl bank create wiki --kind base --dim 128 --value-dim 128 --quota 10GB --index HNSW32
         memctl import wiki keys.npy values.npy
         memctl --address unix:///run/memoryd/memoryd.sock status
+        MEMCTL_TOKEN=mdt_... memctl --address 10.0.0.5:7443 --tls-ca ca.pem bank list
     """
 
 
@@ -68,7 +72,9 @@ def status(backend, as_json):
         click.echo(output.status_text(st, desc))
 
 
-for _cmd in (bank, import_, export, search, session, quota):
+for _cmd in (bank_snapshot, bank_restore):
+    bank.add_command(_cmd)
+for _cmd in (bank, import_, export, search, session, quota, token, backup):
     main.add_command(_cmd)
 
 

@@ -147,6 +147,7 @@ def bank_block(b: BankInfo) -> str:
         ("quota", format_size(s.quota_bytes) if s.quota_bytes is None
          else f"{format_size(s.quota_bytes)} ({s.quota_bytes} B, "
               f"{percent(b.used_bytes, s.quota_bytes)} used)"),
+        ("held as", f"data {format_size(b.data_bytes)} + index {format_size(b.index_bytes)}"),
         ("eviction", s.eviction), ("tier", s.tier), ("tier bytes", tier_bytes(b.tier_bytes)),
         ("frozen", "yes" if b.frozen else "no"), ("trained", "yes" if b.trained else "no"),
         ("checksum", b.checksum or "-"), ("key version", s.key_version or "-"),

@@ -12,7 +12,13 @@ Errors are mapped in one place, `_rpc`, through the wire's status codec
     INTERNAL, and the daemon keeps serving.
 
 Callers name themselves in the metadata `x-memoryd-client` (else the peer
-address stands in); every backend call gets that `Caller`.
+address stands in); every backend call gets that `Caller`. With auth on
+(`memoryd serve --auth`, an Authenticator) the Caller also carries the
+tenant and rights of the call's token (metadata `authorization: Bearer
+<token>`), and a call without a valid one is UNAUTHENTICATED before its
+handler runs; the backend enforces the rights (memoryd.auth.rights). A reply
+buffer belongs to the token that opened it: another token's handle is
+unknown to it.
 """
 from __future__ import annotations
 
@@ -27,12 +33,14 @@ import numpy as np
 
 from memoryd import api
 from memoryd.api import Caller
+from memoryd.auth import callers
 from memoryd.v1 import memory_pb2 as pb
 from memoryd.v1 import memory_pb2_grpc as pb_grpc
 from memoryd.wire import messages as msg
 from memoryd.wire import search as search_wire
 from memoryd.wire import shm, status, streams
-from memoryd.wire.channel import CLIENT_METADATA
+from memoryd.wire import tokens as token_wire
+from memoryd.wire.channel import AUTH_METADATA, CLIENT_METADATA
 from memoryd.wire.tensors import encode, maybe_decode, required
 
 log = logging.getLogger("memoryd.rpc")
@@ -77,7 +85,7 @@ def _rpc(fn: Callable) -> Callable:
         def stream(self, request, context):
             t0 = time.perf_counter()
             try:
-                yield from fn(self, request, context, _caller(context))
+                yield from fn(self, request, context, self._caller(context))
             except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
                 failed(t0, context, exc)
             done(t0, "OK")
@@ -87,7 +95,7 @@ def _rpc(fn: Callable) -> Callable:
     def unary(self, request, context):
         t0 = time.perf_counter()
         try:
-            reply = fn(self, request, context, _caller(context))
+            reply = fn(self, request, context, self._caller(context))
         except Exception as exc:  # noqa: BLE001 - mapped, never swallowed
             failed(t0, context, exc)
         done(t0, "OK")
@@ -95,12 +103,21 @@ def _rpc(fn: Callable) -> Callable:
     return unary
 
 
-def _caller(context: grpc.ServicerContext) -> Caller:
-    """Who is calling: the x-memoryd-client metadata, else the peer address."""
-    for key, value in context.invocation_metadata() or ():
+def _client_name(metadata) -> str | None:
+    """The x-memoryd-client metadata, if any."""
+    for key, value in metadata:
         if key == CLIENT_METADATA and value:
-            return Caller(value)
-    return Caller(context.peer())
+            return value
+    return None
+
+
+def _bearer(metadata) -> str | None:
+    """The token of an `authorization: Bearer <token>` entry, if any."""
+    for key, value in metadata:
+        if key == AUTH_METADATA and isinstance(value, str):
+            scheme, _, rest = value.strip().partition(" ")
+            return rest.strip() if scheme.lower() == "bearer" else ""
+    return None
 
 
 def _ids(ids) -> pb.Tensor:
@@ -116,9 +133,21 @@ def _maybe(a: np.ndarray | None, s: slice) -> pb.Tensor | None:
 class MemoryServicer(pb_grpc.MemoryServicer):
     """memoryd.v1.Memory over any MemoryBackend."""
 
-    def __init__(self, backend: api.MemoryBackend, buffers: shm.ReplyBuffers | None = None):
+    def __init__(self, backend: api.MemoryBackend, buffers: shm.ReplyBuffers | None = None,
+                 auth: callers.Authenticator | None = None):
+        """auth: check every call's token (None: auth off, every caller is the owner)."""
         self.backend = backend
         self.buffers = buffers if buffers is not None else shm.ReplyBuffers(None)  # None: off
+        self.auth = auth
+
+    def _caller(self, context: grpc.ServicerContext) -> Caller:
+        """Who is calling (x-memoryd-client, else the peer address) and, with
+        auth on, what its token allows (Unauthenticated without a valid one)."""
+        metadata = tuple(context.invocation_metadata() or ())
+        name = _client_name(metadata) or context.peer()
+        if self.auth is None:
+            return Caller(name)
+        return self.auth.caller(_bearer(metadata), name)
 
     # admin plane
     @_rpc
@@ -160,20 +189,23 @@ class MemoryServicer(pb_grpc.MemoryServicer):
     # data plane
     @_rpc
     def Add(self, request_iterator, context, caller):
-        bank, a = streams.collect(request_iterator, "Add", ("keys",), ("values", "ids"))
-        ids = self.backend.add(bank, a["keys"], a["values"], a["ids"], caller=caller)
+        bank, a, head = streams.collect(request_iterator, "Add", ("keys",), ("values", "ids"))
+        ids = self.backend.add(bank, a["keys"], a["values"], a["ids"],
+                               ack=msg.ack_from_pb(head.ack), caller=caller)
         return pb.AddResponse(ids=_ids(ids))
 
     @_rpc
     def UpdateValues(self, request_iterator, context, caller):
-        bank, a = streams.collect(request_iterator, "UpdateValues", ("ids", "values"), ())
-        updated = self.backend.update_values(bank, a["ids"], a["values"], caller=caller)
+        bank, a, head = streams.collect(request_iterator, "UpdateValues", ("ids", "values"), ())
+        updated = self.backend.update_values(bank, a["ids"], a["values"],
+                                             ack=msg.ack_from_pb(head.ack), caller=caller)
         return pb.UpdateValuesResponse(updated=updated)
 
     @_rpc
     def Remove(self, request, context, caller):
         ids = required(request, "ids", "ids")
-        return pb.RemoveResponse(removed=self.backend.remove(request.bank, ids, caller=caller))
+        return pb.RemoveResponse(removed=self.backend.remove(
+            request.bank, ids, ack=msg.ack_from_pb(request.ack), caller=caller))
 
     @_rpc
     def Search(self, request, context, caller) -> Iterator[bytes]:
@@ -189,7 +221,7 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     def _search(self, request: pb.SearchRequest, caller: Caller
                 ) -> tuple[api.SearchResult, shm.ReplyBufferFile | None]:
-        c = search_wire.decode_request(request, self.buffers)
+        c = search_wire.decode_request(request, self.buffers, owner=caller.token_id)
         r = self.backend.search(c.stack, c.queries, c.k, values=c.values, keys=c.keys,
                                 caller=caller)
         return r, c.buffer
@@ -224,9 +256,10 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     @_rpc
     def Append(self, request_iterator, context, caller):
-        session, a = streams.collect(request_iterator, "Append", ("keys",), ("values", "scores"),
+        session, a, head = streams.collect(request_iterator, "Append", ("keys",), ("values", "scores"),
                                      target="session_id")
-        ids = self.backend.append(session, a["keys"], a["values"], a["scores"], caller=caller)
+        ids = self.backend.append(session, a["keys"], a["values"], a["scores"],
+                                  ack=msg.ack_from_pb(head.ack), caller=caller)
         return pb.AppendResponse(ids=_ids(ids))
 
     @_rpc
@@ -255,8 +288,24 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         r = self.backend.promote_session(
             request.session_id, request.target, ids=maybe_decode(request, "ids"),
             min_score=msg.optional_from_pb(request, "min_score"),
-            dedup=msg.optional_from_pb(request, "dedup"), move=request.move, caller=caller)
+            dedup=msg.optional_from_pb(request, "dedup"), move=request.move,
+            ack=msg.ack_from_pb(request.ack), caller=caller)
         return msg.promote_to_pb(r)
+
+    # backup plane
+    @_rpc
+    def SnapshotBank(self, request, context, caller):
+        return msg.snapshot_to_pb(self.backend.snapshot_bank(request.name, request.path,
+                                                             caller=caller))
+
+    @_rpc
+    def RestoreBank(self, request, context, caller):
+        return msg.info_to_pb(self.backend.restore_bank(request.path, request.name or None,
+                                                        caller=caller))
+
+    @_rpc
+    def Backup(self, request, context, caller):
+        return msg.snapshot_to_pb(self.backend.backup(request.path, caller=caller))
 
     # tenant plane
     @_rpc
@@ -281,12 +330,29 @@ class MemoryServicer(pb_grpc.MemoryServicer):
 
     @_rpc
     def OpenReplyBuffer(self, request, context, caller):
-        return shm.to_pb(self.buffers.open(request.size_bytes), self.buffers.idle_s)
+        buf = self.buffers.open(request.size_bytes, owner=caller.token_id)
+        return shm.to_pb(buf, self.buffers.idle_s)
 
     @_rpc
     def CloseReplyBuffer(self, request, context, caller):
-        self.buffers.close(request.handle)
+        self.buffers.close(request.handle, owner=caller.token_id)
         return pb.CloseReplyBufferResponse()
+
+    # token plane (admin; the backend checks)
+    @_rpc
+    def CreateToken(self, request, context, caller):
+        created = self.backend.create_token(request.tenant or None, request.role or "write",
+                                            request.name, caller=caller)
+        return token_wire.created_to_pb(created)
+
+    @_rpc
+    def ListTokens(self, request, context, caller):
+        infos = self.backend.list_tokens(request.tenant or None, caller=caller)
+        return pb.ListTokensResponse(tokens=[token_wire.token_to_pb(t) for t in infos])
+
+    @_rpc
+    def RevokeToken(self, request, context, caller):
+        return token_wire.token_to_pb(self.backend.revoke_token(request.id, caller=caller))
 
 
 class _HandlerTable:

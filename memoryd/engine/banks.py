@@ -30,10 +30,13 @@ from memoryd.arrays import id_vector, matrix, value_dtype
 from memoryd.engine.catalog import Catalog
 from memoryd.engine.row_search import plan_rows, search_rows
 from memoryd.engine.searching import StackEntry, search_stack
-from memoryd.errors import BankFrozen, FailedPrecondition, InvalidArgument, NotFound, QuotaExceeded
+from memoryd import faults
+from memoryd.errors import (BankFrozen, FailedPrecondition, InvalidArgument, MemorydError, NotFound,
+                            QuotaExceeded, StorageUnwritable)
 from memoryd.sizes import describe_size
 from memoryd.storage import AddPlan, BankStore, new_bank
 from memoryd.storage import faiss_index as fx
+from memoryd.storage.wal import check_ack
 
 log = logging.getLogger("memoryd")
 SEARCH_THREADS = 4          # threads that search a stack's shards in parallel
@@ -63,18 +66,40 @@ class BankEngine:
             bank = new_bank(self._bank_path(storages[info.name]), spec).open()
             bank.frozen = info.frozen
             self._banks[info.name] = bank
-            self.catalog.reconcile(info.name, bank.nbytes(), bank.count)
+        self._redo_moves()
+        for name, bank in self._banks.items():
+            self.catalog.reconcile(name, bank.nbytes(), bank.count)
         known = set(storages.values())
         for folder in (self.data_dir / "banks").iterdir():
             if folder.name not in known:  # a create or delete torn by a crash
                 log.warning("removing orphan bank folder %s", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 
+    def _redo_moves(self) -> None:
+        """Finish promotes with move that a crash cut between their two records:
+        the target's record (replayed) names the session rows that left."""
+        for bank in list(self._banks.values()):
+            if not bank.replayed_moves:
+                continue
+            for source, ids in bank.replayed_moves:
+                src = self._banks.get(source)
+                if src is not None and src.remove(ids):
+                    src.sync(src.lsn)
+                    log.warning("bank %s: finished moving %d rows to %s after a crash",
+                                source, len(ids), bank.spec.name)
+            bank.replayed_moves = []
+            bank.checkpoint()   # only now may the target's record leave its log
+
     def close(self) -> None:
-        """Snapshot every index (so the next open replays nothing)."""
+        """Checkpoint every bank (so the next open replays nothing) and close its log."""
         for bank in list(self._banks.values()):
             with bank.lock.write():
-                bank.checkpoint()
+                try:
+                    bank.checkpoint()
+                except MemorydError as e:   # e.g. disk full: the log still holds it all
+                    log.warning("bank %s: checkpoint at close failed (%s); its log keeps "
+                                "every write", bank.spec.name, e)
+                bank.close()
         self._pool.shutdown(wait=True)
 
     def _bank_path(self, storage: str) -> Path:
@@ -95,9 +120,12 @@ class BankEngine:
             bank = new_bank(self._bank_path(storage), spec)   # InvalidArgument on a bad spec
             self.catalog.create_bank(spec, storage)            # AlreadyExists
             try:
-                bank.create()
-                if bank.count:  # born full (product keys): its bytes must fit the quota
+                if bank.count:  # born full (product keys): its bytes must fit the quotas first
                     self.catalog.reserve(spec.name, bank.nbytes(), bank.count, op="create")
+                try:
+                    bank.create()
+                except OSError as e:                           # disk full, read-only dir
+                    raise StorageUnwritable.from_os_error(e, bank.path) from None
             except BaseException:
                 self.catalog.delete_bank(spec.name)
                 shutil.rmtree(bank.path, ignore_errors=True)
@@ -117,7 +145,10 @@ class BankEngine:
         if bank is None:
             return info
         with bank.lock.read():  # a remove swaps the files underneath
-            return replace(info, tier_bytes=bank.tier_bytes())
+            if self._banks.get(info.name) is not bank:   # deleted while we waited
+                return info
+            return replace(info, tier_bytes=bank.tier_bytes(),
+                           data_bytes=min(info.used_bytes, bank.split_bytes()["data"]))
 
     def set_tier(self, name: str, tier: str) -> BankInfo:
         """Move a live bank between ram, mmap and gpu (see memoryd.storage.tiers)."""
@@ -166,10 +197,10 @@ class BankEngine:
                 self._evict_oldest(b, used - quota_bytes)
             return self.catalog.set_quota(name, quota_bytes)
 
-    def _evict_oldest(self, b: BankStore, nbytes: int, row_bytes: int | None = None) -> int:
+    def _evict_oldest(self, b: BankStore, nbytes: int) -> int:
         """fifo: remove the oldest rows until nbytes are free; give their bytes back."""
         before = b.nbytes()
-        removed = b.evict_oldest(nbytes, row_bytes)
+        removed = b.remove(b.oldest_ids(nbytes))
         self.catalog.release(b.spec.name, before - b.nbytes(), removed, op="evict")
         return removed
 
@@ -194,62 +225,135 @@ class BankEngine:
             raise InvalidArgument(f"got {n} keys but {len(v)} values")
         return v
 
-    def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None) -> np.ndarray:
+    def add(self, bank: str, keys: Any, values: Any = None, ids: Any = None, *,
+            scores: np.ndarray | None = None, ack: str | None = None) -> np.ndarray:
+        """Add rows (with a session append's scores); acknowledged at `ack`
+        (memoryd.storage.wal: "applied", the default, or "durable")."""
+        ack = check_ack(ack)
         b = self.bank(bank)
         k = matrix(keys, "keys", b.spec.dim, np.dtype(np.float32))
         v = self._values_for(b, values, len(k))
         given = None if ids is None else id_vector(ids)
         with b.lock.write():
-            self._writable(bank)
-            was_trained = b.trained
-            plan = b.plan_add(k, v, given)
-            cost = self._reserve(b, plan)                  # QuotaExceeded: nothing written
-            try:
-                b.add(plan)
-            except BaseException:
-                self.catalog.release(bank, cost, len(k), op="add-failed")
-                raise
-            if b.trained and not was_trained:
-                self.catalog.update_bank(bank, trained=True)
+            plan = self._add_locked(b, k, v, given, scores)
+            lsn = b.lsn
+        self._ack(b, lsn, ack)
         return plan.ids
 
-    def _reserve(self, b: BankStore, plan: AddPlan) -> int:
-        """Reserve the bytes plan's rows cost; returns them. A fifo bank first
-        evicts its oldest rows when that makes enough room."""
+    def _add_locked(self, b: BankStore, k: np.ndarray, v: np.ndarray | None,
+                    ids: np.ndarray | None, scores: np.ndarray | None,
+                    moved_from: tuple[str, np.ndarray] | None = None) -> AddPlan:
+        """The add itself (the caller holds b's write lock): plan, reserve, one log record."""
+        name = b.spec.name
+        self._writable(name)
+        was_trained = b.trained
+        plan = b.plan_add(k, v, ids, scores)
+        plan.moved_from = moved_from
+        cost, items = self._reserve(b, plan)               # QuotaExceeded: nothing written
+        try:
+            b.add(plan)
+        except BaseException:
+            self.catalog.release(name, cost, items, op="add-failed")
+            raise
+        if b.trained and not was_trained:
+            self.catalog.update_bank(name, trained=True)
+        return plan
+
+    def _reserve(self, b: BankStore, plan: AddPlan) -> tuple[int, int]:
+        """Reserve the bytes plan's rows cost: (bytes, items). A fifo bank makes
+        room by evicting its oldest rows in the same log record as the add
+        (plan.evict), when that makes enough room."""
         items = len(plan.ids)
         cost = b.add_cost(plan)
         try:
             self.catalog.reserve(b.spec.name, cost, items)
-            return cost
+            return cost, items
         except QuotaExceeded as e:
             room = e.used + e.requested - e.limit
             # evicting r rows frees r rows' bytes (emptying also frees the fixed
             # bytes, but refilling charges them again): at most count rows' worth
             if b.spec.eviction != "fifo" or room > b.count * plan.row_bytes:
                 raise  # reject, or the batch cannot fit even with the bank emptied
-        self._evict_oldest(b, room, plan.row_bytes)
-        cost = b.add_cost(plan)
-        self.catalog.reserve(b.spec.name, cost, items)
-        return cost
+        plan.evict = b.oldest_ids(room, plan.row_bytes)
+        cost, items = b.add_cost(plan), items - len(plan.evict)
+        self.catalog.reserve(b.spec.name, cost, items, op="add+evict")
+        return cost, items
 
-    def update_values(self, bank: str, ids: Any, values: Any) -> int:
+    @staticmethod
+    def _ack(b: BankStore, lsn: int, ack: str) -> None:
+        """A durable ack waits for the fsync outside the bank's lock (group commit)."""
+        if ack == "durable" and lsn:
+            b.sync(lsn)
+
+    def update_values(self, bank: str, ids: Any, values: Any, *, ack: str | None = None) -> int:
+        ack = check_ack(ack)
         b = self.bank(bank)
         i = id_vector(ids)
         v = self._values_for(b, values, len(i))
         with b.lock.write():
             self._writable(bank)
-            return b.update_values(i, v)
+            updated, lsn = b.update_values(i, v), b.lsn
+        self._ack(b, lsn, ack)
+        return updated
 
-    def remove(self, bank: str, ids: Any) -> int:
+    def remove(self, bank: str, ids: Any, *, ack: str | None = None) -> int:
+        ack = check_ack(ack)
         b = self.bank(bank)
         i = id_vector(ids)
         with b.lock.write():
             self._writable(bank)
-            before = b.nbytes()
-            removed = b.remove(np.unique(i))
-            if removed:
-                self.catalog.release(bank, before - b.nbytes(), removed, op="remove")
-            return removed
+            removed, lsn = self._remove_locked(b, np.unique(i)), b.lsn
+        self._ack(b, lsn, ack)
+        return removed
+
+    def _remove_locked(self, b: BankStore, ids: np.ndarray) -> int:
+        before = b.nbytes()
+        removed = b.remove(ids)
+        if removed:
+            self.catalog.release(b.spec.name, before - b.nbytes(), removed, op="remove")
+        return removed
+
+    def move_rows(self, source: str, target: str, ids: np.ndarray, keys: np.ndarray,
+                  values: np.ndarray | None, leaving: np.ndarray, move: bool,
+                  ack: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Copy rows `ids` of source (their keys, values) into target and, with
+        move, remove `leaving` (ids and any others) from source: all or nothing
+        across a crash. Both banks' write locks are held throughout; the
+        target's record names the ids leaving the source and is durable before
+        the source's remove is logged, so recovery finishes a move a crash cut
+        in two (_redo_moves). A move is always durable (two fsyncs); a copy is
+        acknowledged at `ack`. Returns (target ids, the source ids copied)."""
+        ack = check_ack(ack)
+        src, dst = self.bank(source), self.bank(target)
+        with ExitStack() as locks:
+            for b in sorted({src, dst}, key=lambda b: b.spec.name):
+                locks.enter_context(b.lock.write())
+            if move:   # a concurrent promote may have moved some of them: never twice
+                self._writable(source)
+                here = src.get_rows(ids)[2]
+                ids, keys = ids[here], keys[here]
+                values = None if values is None else values[here]
+                leaving = leaving[src.get_rows(leaving)[2]]
+            if not len(ids):
+                if move and len(leaving):      # only duplicates: they leave, nothing is added
+                    self._remove_locked(src, leaving)
+                    src.sync(src.lsn)
+                return np.empty(0, np.int64), ids
+            plan = self._add_locked(dst, keys, values, None, None,
+                                    (source, leaving) if move else None)
+            lsn = dst.lsn
+            if move:
+                dst.sync(lsn)
+                faults.point("promote:added")
+                self._remove_locked(src, leaving)
+                src.sync(src.lsn)
+        self._ack(dst, lsn, ack)
+        return plan.ids, ids
+
+    def scores_of(self, bank: str, ids: np.ndarray) -> np.ndarray:
+        b = self.bank(bank)
+        with b.lock.read():
+            return b.scores_of(ids)
 
     # ---- reads -------------------------------------------------------------------
     def search(self, stack: Sequence[BankQuery], queries: Any, k: int, values: bool = True,
@@ -260,6 +364,7 @@ class BankEngine:
         first = _shared_shape([chosen[i].spec for i in active])
         vdt, vdim = (common_values(chosen[i].spec for i in active) if values else (None, 0))
         q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
+        api.check_result_size(len(q), k, _payload(vdt, vdim, first.dim, keys))
         with ExitStack() as locks:
             for i in sorted(active, key=lambda i: stack[i].name):
                 locks.enter_context(chosen[i].lock.read())
@@ -277,6 +382,7 @@ class BankEngine:
         first = _shared_shape([chosen[n].spec for n in active])
         vdt, vdim = (common_values(chosen[n].spec for n in active) if values else (None, 0))
         q = matrix(queries, "queries", first.dim, np.dtype(np.float32))
+        api.check_result_size(len(q), k, _payload(vdt, vdim, first.dim, keys))
         if len(q) != rs.nq:
             raise InvalidArgument(f"row stacks cover {rs.nq} query rows ({len(rs.rows)} groups) "
                                   f"but {len(q)} queries were sent: the rows must sum to nq")
@@ -293,6 +399,8 @@ class BankEngine:
     def get(self, bank: str, ids: Any, values: bool = True, keys: bool = False) -> GetResult:
         b = self.bank(bank)
         i = id_vector(ids)
+        vdt = value_dtype(b.spec.value_dtype) if values and b.spec.value_dim else None
+        api.check_result_size(len(i), 1, _payload(vdt, b.spec.value_dim, b.spec.dim, keys), "get")
         with b.lock.read():  # a key-only bank has no values to give: None
             found, kk, vv = b.gather(i, keys=keys, values=values and b.spec.value_dim > 0)
         return GetResult(found=found, values=vv, keys=kk)
@@ -310,6 +418,11 @@ def _export(b: BankStore, chunk_rows: int) -> Iterator[ExportChunk]:
     with b.lock.read():
         chunks = list(b.export_chunks(chunk_rows))
     yield from chunks
+
+
+def _payload(vdt: np.dtype | None, vdim: int, dim: int, keys: bool) -> int:
+    """Bytes a result carries beyond its id, score and bank: its value and key."""
+    return (vdim * vdt.itemsize if vdt is not None else 0) + (4 * dim if keys else 0)
 
 
 def _shared_shape(specs: list[BankSpec]) -> BankSpec:

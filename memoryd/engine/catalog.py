@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from memoryd.api import BankInfo, BankSpec
-from memoryd.errors import AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded
+from memoryd.errors import (AlreadyExists, FailedPrecondition, NotFound, QuotaExceeded, StorageFull,
+                            StorageUnwritable)
 from memoryd.sizes import describe_size
 
 metadata = sa.MetaData()
@@ -67,6 +68,19 @@ sessions = sa.Table(
     sa.Column("ttl_absolute_s", sa.Float, nullable=True),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("last_used_at", sa.Float, nullable=False),
+)
+
+# API tokens (memoryd.auth.tokens): the secret is never stored, only its
+# SHA-256; a revoked token keeps its row (revoked_at) so `token list` shows it.
+tokens = sa.Table(
+    "tokens", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, server_default=""),
+    sa.Column("tenant", sa.String(64), nullable=True),          # NULL: admin, every tenant
+    sa.Column("role", sa.String(8), nullable=False),            # read | write | admin
+    sa.Column("secret_sha256", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
 )
 
 usage = sa.Table(
@@ -119,8 +133,20 @@ class Catalog:
 
     @contextmanager
     def _tx(self) -> Iterator[sa.Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        """One transaction; a catalog the disk cannot take (full, read-only) is
+        StorageFull / StorageUnwritable, and the transaction left undone."""
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.OperationalError as e:
+            text = str(e.orig if e.orig is not None else e).lower()
+            if "full" in text:
+                raise StorageFull(f"the catalog's disk is full ({text}): the change was not made; "
+                                  "stored data is unchanged and reads go on") from None
+            if any(w in text for w in ("readonly", "read-only", "unable to open", "disk i/o")):
+                raise StorageUnwritable(f"the catalog cannot be written ({text}): the change "
+                                        "was not made; reads go on") from None
+            raise
 
     # ---- banks ---------------------------------------------------------------
     def create_bank(self, spec: BankSpec, storage: str) -> BankInfo:
@@ -284,6 +310,26 @@ class Catalog:
     def drop_session(self, session_id: str) -> None:
         with self._tx() as c:
             c.execute(sessions.delete().where(sessions.c.id == session_id))
+
+    # ---- backups ---------------------------------------------------------------------
+    def copy_to(self, url: str, bank_names: set[str]) -> None:
+        """Every table into a new catalog at url, keeping only the banks named
+        (those a backup holds files for) and their sessions; one read
+        transaction, so the copy is one state of the catalog."""
+        target = sa.create_engine(url, future=True)
+        try:
+            metadata.create_all(target)
+            with self.engine.connect() as src, target.begin() as dst:
+                for table in metadata.sorted_tables:
+                    rows = [dict(r) for r in src.execute(sa.select(table)).mappings()]
+                    if table is banks:
+                        rows = [r for r in rows if r["name"] in bank_names]
+                    elif table is sessions:
+                        rows = [r for r in rows if r["id"] in bank_names]
+                    if rows:
+                        dst.execute(table.insert(), rows)
+        finally:
+            target.dispose()
 
     @staticmethod
     def _tenant_delta(c: sa.Connection, tenant: str, nbytes: int, enforce: bool = True) -> bool:

@@ -1,11 +1,26 @@
 """A memory bank: N shards (memoryd.storage.shard), each a FAISS index over
-explicit 64-bit ids plus the rows (ids, keys, values) it was built from.
+explicit 64-bit ids plus the rows (ids, keys, values) it was built from,
+and ONE write-ahead log (memoryd.storage.wal) for all of them.
 
 Ids are routed to shard `id % shards`, so any id finds its shard without a
 lookup table. Ids are assigned by the bank (monotonic, never reused, even
-after removals) unless the caller brings its own. Keys are kept beside the
-index so that search can return exact key vectors (for gradients), export
-can dump the bank, and the index can always be rebuilt.
+after removals) unless the caller brings its own. Keys are kept with the
+rows so that search can return exact key vectors (for gradients), export
+can dump the bank, and the index can always be rebuilt; a Flat bank
+searches that very column (shard.FlatRows), so its keys are held once.
+
+Durability: a write is one log record (all its shards, its evictions, a
+session's scores) before it touches memory; a checkpoint writes every
+shard's files, fsync'd, then switches `bank.json` (the checkpoint record:
+generation and row count per shard, the index snapshots, the last log
+sequence number it covers) by an atomic rename, then empties the log. Open
+loads the checkpoint and replays the log after it, so a request is all
+there or not there whatever the shard count.
+
+    bank.json       {"format": 2, "seq", "lsn", "next_id", "spec", "shards": [...]}
+    wal.log         records after the checkpoint
+    trained.faiss   the trained empty index (IVF centroids, PQ codebooks)
+    shard-<i>/      row files and index snapshots (memoryd.storage.rows)
 
 Concurrency: the bank's readers/writer lock (memoryd.storage.interface),
 held by the engine around whole requests.
@@ -14,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -22,16 +38,22 @@ import numpy as np
 from memoryd import faults
 from memoryd.api import BankSpec, ExportChunk
 from memoryd.arrays import value_dtype
-from memoryd.errors import InvalidArgument
+from memoryd.errors import InvalidArgument, StorageUnwritable
 from memoryd.storage import faiss_index as fx
 from memoryd.storage.faiss_index import faiss
+from memoryd.storage.files import atomic_write_json, fsync_dir, write_durably
 from memoryd.storage.interface import AddPlan, BankStore
-from memoryd.storage.rows import ShardStore, atomic_write_json, folder_bytes
-from memoryd.storage.shard import Shard, write_index
+from memoryd.storage.rows import folder_bytes
+from memoryd.storage.shard import Shard, index_row_bytes, keys_in_rows
+from memoryd.storage.wal import ADD, LOG, MOVED, REMOVE, UPDATE, Op, WriteAheadLog, typed
+from memoryd.storage import upgrade
 
 META = "bank.json"
 TEMPLATE = "trained.faiss"
-INTENT = "intent.json"   # an add in progress across shards: rolled back on open
+FORMAT = 2
+# A checkpoint follows a write once the log holds this much (or a quarter of
+# the bank, whichever is more): replay on open stays short, checkpoints rare.
+CHECKPOINT_LOG_BYTES = 64 << 20
 
 
 class Bank(BankStore):
@@ -40,6 +62,11 @@ class Bank(BankStore):
         self.next_id = 0
         self.template = fx.build(spec.dim, spec.index, spec.metric)
         self.shards: list[Shard] = []
+        self.wal = WriteAheadLog(self.path / LOG)
+        self.seq = 0              # checkpoints written
+        self.lsn = 0              # the last record applied
+        self.checkpoint_lsn = 0   # the last record the files hold
+        self._checkpoint_due = False
 
     # ---- life cycle -----------------------------------------------------------
     def create(self) -> "Bank":
@@ -48,41 +75,83 @@ class Bank(BankStore):
                        for i in range(self.spec.shards)]
         for s in self.shards:
             s.create()
-        self._save_meta()
+        self.wal.create()
+        self._save_meta([{"gen": 0, "rows": 0, "index": None, "index_rows": 0}] * self.spec.shards)
+        fsync_dir(self.path.parent)
         return self
 
     def open(self) -> "Bank":
         meta = json.loads((self.path / META).read_text())
-        self.next_id = int(meta["next_id"])
-        self._roll_back_torn_add()
+        if meta.get("format") != FORMAT:   # written by memoryd before the log
+            meta = upgrade.v1_meta(self.path, meta, self.spec)
+        self.next_id, self.seq = int(meta["next_id"]), int(meta.get("seq", 0))
+        self.lsn = self.checkpoint_lsn = int(meta.get("lsn", 0))
         if (self.path / TEMPLATE).exists():
             self.template = fx.configure(faiss.read_index(str(self.path / TEMPLATE)), self.spec.index)
         self.shards = [Shard(self._shard_path(i), self.spec, self.template)
                        for i in range(self.spec.shards)]
-        for s in self.shards:
-            s.load()
-        # ids written by an add whose meta update was torn must never be reused
-        self.next_id = max([self.next_id] + [int(s.store.ids.data.max()) + 1
-                                             for s in self.shards if s.store.rows])
+        for s, state in zip(self.shards, meta["shards"]):
+            s.load(state)
+        replayed = 0
+        for lsn, ops in self.wal.open(after_lsn=self.checkpoint_lsn):
+            self._apply(ops, replay=True)
+            self.lsn, replayed = lsn, replayed + 1
+        # (a promote's move waits for the engine to finish it: engine.banks._redo_moves)
+        if (replayed or meta.get("format") != FORMAT) and not self.replayed_moves:
+            self.checkpoint()
+        upgrade.drop_v1_files(self.path)
         return self
 
     def _shard_path(self, i: int) -> Path:
         return self.path / f"shard-{i:03d}"
 
-    def _save_meta(self) -> None:
-        atomic_write_json(self.path / META, {"next_id": self.next_id, "spec": self.spec.index})
+    def _save_meta(self, shards: list[dict]) -> None:
+        atomic_write_json(self.path / META, {
+            "format": FORMAT, "seq": self.seq, "lsn": self.lsn, "next_id": self.next_id,
+            "spec": self.spec.index, "shards": shards})
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, force: bool = False) -> None:
+        """Every shard's files, fsync'd; then the record naming them; then an
+        empty log (see the module doc). A no-op when nothing changed."""
+        if self.lsn == self.checkpoint_lsn and self.seq and not force:
+            return
+        self.seq += 1
+        states = [s.write_checkpoint(self.seq) for s in self.shards]
         for s in self.shards:
-            s.checkpoint()
-        self._save_meta()
+            fsync_dir(s.store.path)
+        faults.point("bank.checkpoint:files-written")
+        self._save_meta(states)
+        self.checkpoint_lsn, self._checkpoint_due = self.lsn, False
+        for s in self.shards:
+            s.after_checkpoint()
+        self.wal.reset(self.lsn)
+
+    def close(self) -> None:
+        self.wal.close()
 
     def set_tier(self, tier: str) -> None:
         """Move every shard to tier (caller holds the write lock: no write is
         lost and searches wait for the move instead of failing)."""
-        self.spec = self.spec.with_(tier=tier)
         for s in self.shards:
-            s.set_tier(self.spec)
+            s.own_keys()          # an HNSW bank leaving ram needs its key file back
+        self.checkpoint(force=any(s.store.relaid for s in self.shards))
+        self.spec = self.spec.with_(tier=tier)
+        meta = json.loads((self.path / META).read_text())
+        for s, state in zip(self.shards, meta["shards"]):
+            s.spec = self.spec
+            s.load(state)
+
+    def snapshot_to(self, dest: Path) -> None:
+        self.checkpoint()
+        dest.mkdir(parents=True, exist_ok=False)
+        files = [self.path / META] + ([self.path / TEMPLATE] if (self.path / TEMPLATE).exists() else [])
+        for f in files:
+            _link_or_copy(f, dest / f.name)
+        for i, s in enumerate(self.shards):
+            (dest / s.store.path.name).mkdir()
+            for f in s.files():
+                _link_or_copy(f, dest / s.store.path.name / f.name)
+        (dest / LOG).touch()
 
     def tier_bytes(self) -> dict[str, int]:
         """Where the bytes of nbytes() sit, and what the files take on disk."""
@@ -90,20 +159,27 @@ class Bank(BankStore):
         index = self.nbytes() - store
         disk = sum(s.store.disk_bytes() for s in self.shards) + folder_bytes(self.path)
         if self.spec.tier == "mmap":  # rows and flat codes are paged in from disk
-            codes = self.count * fx.code_bytes(self.template, self.spec.dim)
-            return {"ram": index - codes, "disk": disk}
+            codes = 0 if self.flat else self.count * fx.code_bytes(self.template, self.spec.dim)
+            return {"ram": max(0, index - codes), "disk": disk}
         if self.spec.tier == "gpu":
             return {"ram": store, "gpu": index, "disk": disk}
         return {"ram": store + index, "disk": disk}
 
+    def split_bytes(self) -> dict[str, int]:
+        """nbytes() as the data users store (ids, keys, values, scores) and
+        what the index adds on top (graph links, centroids, its own codes)."""
+        data = self.count * self._data_row_bytes() if self.count else 0
+        return {"data": data, "index": self.nbytes() - data}
+
     def delete_files(self) -> None:
-        for s in self.shards:
-            s.store.delete_files()
-        for p in self.path.glob("*"):
-            p.unlink()
-        self.path.rmdir()
+        self.wal.close()
+        shutil.rmtree(self.path)
 
     # ---- sizes ------------------------------------------------------------------
+    @property
+    def flat(self) -> bool:
+        return keys_in_rows(self.template, self.spec.tier)
+
     @property
     def count(self) -> int:
         return sum(s.store.rows for s in self.shards)
@@ -112,11 +188,15 @@ class Bank(BankStore):
     def trained(self) -> bool:
         return bool(self.template.is_trained)
 
-    def _row_bytes(self, template: "faiss.Index | None" = None) -> int:
-        """Bytes one row costs: its id, key and value, and its index entry."""
-        t = template or self.template
+    def _data_row_bytes(self) -> int:
         vbytes = self.spec.value_dim * value_dtype(self.spec.value_dtype).itemsize
-        return 8 + 4 * self.spec.dim + vbytes + fx.bytes_per_vector(t, self.spec.dim)
+        return 8 + 4 * self.spec.dim + vbytes + (4 if self.spec.kind == "session" else 0)
+
+    def _row_bytes(self, template: "faiss.Index | None" = None) -> int:
+        """Bytes one row costs: its id, key, value (and score), and its index entry
+        (none for a Flat bank: its index is the key column)."""
+        t = template or self.template
+        return self._data_row_bytes() + index_row_bytes(t, self.spec.tier, self.spec.dim)
 
     def nbytes(self) -> int:
         """What the bank holds.
@@ -130,19 +210,23 @@ class Bank(BankStore):
 
     def _nbytes(self, rows: int, template: "faiss.Index") -> int:
         """What the bank would hold with `rows` rows and index `template`."""
-        return self.spec.shards * fx.fixed_bytes(template) + rows * self._row_bytes(template) \
-            if rows else 0
+        if not rows:
+            return 0
+        fixed = 0 if keys_in_rows(template, self.spec.tier) else fx.fixed_bytes(template)
+        return self.spec.shards * fixed + rows * self._row_bytes(template)
 
     # ---- writes (caller holds lock.write()) ---------------------------------------
     def plan_add(self, keys: np.ndarray, values: np.ndarray | None,
-                 ids: np.ndarray | None) -> AddPlan:
+                 ids: np.ndarray | None, scores: np.ndarray | None = None) -> AddPlan:
+        fx.check_graph(self.template)     # a bank made before M >= 2 was checked
         ids = self._new_ids(len(keys), ids)
         template = self._trained_template(keys)
         return AddPlan(ids=ids, keys=keys, values=values, row_bytes=self._row_bytes(template),
-                       detail=template)
+                       detail=template, scores=scores)
 
     def add_cost(self, plan: AddPlan) -> int:
-        return self._nbytes(self.count + len(plan.ids), plan.detail) - self.nbytes()
+        after = self.count + len(plan.ids) - len(plan.evict)
+        return self._nbytes(after, plan.detail) - self.nbytes()
 
     def _trained_template(self, keys: np.ndarray) -> "faiss.Index":
         """The template after training on keys if it needs training (not installed)."""
@@ -153,15 +237,31 @@ class Bank(BankStore):
         return t
 
     def _new_ids(self, n: int, ids: np.ndarray | None) -> np.ndarray:
+        """The ids of an add: assigned (from next_id) or the caller's, checked.
+
+        A caller's ids must be in 0..api.MAX_ID (2^62 - 1), so the ids the bank
+        assigns after them still fit int64; a bank whose largest id leaves no
+        room (one written before that bound) refuses assigned ids precisely."""
+        from memoryd.api import MAX_ID
+        from memoryd.errors import FailedPrecondition
+
         if ids is None:
+            if self.next_id + n - 1 > np.iinfo(np.int64).max:
+                raise FailedPrecondition(
+                    f"bank '{self.spec.name}' has no ids left to assign: its largest id is "
+                    f"{self.next_id - 1}; id space exhausted (give explicit ids <= {MAX_ID})")
             return np.arange(self.next_id, self.next_id + n, dtype=np.int64)
         if len(ids) != n:
             raise InvalidArgument(f"got {len(ids)} ids for {n} keys")
         if (ids < 0).any():
             raise InvalidArgument("ids must be >= 0 (-1 marks a missing result)")
+        if (ids > MAX_ID).any():
+            raise InvalidArgument(
+                f"ids must be <= {MAX_ID} (2^62 - 1: the ids above stay free for the ones the "
+                f"bank assigns); got {int(ids.max())}")
         if len(np.unique(ids)) != n:
             raise InvalidArgument("ids repeat within the batch")
-        present = self.get_rows(ids)[1]
+        present = self.get_rows(ids)[2]
         if present.any():
             raise InvalidArgument(
                 f"{int(present.sum())} ids already exist in bank '{self.spec.name}', "
@@ -169,67 +269,95 @@ class Bank(BankStore):
         return ids
 
     def add(self, plan: AddPlan) -> None:
-        ids, keys, values, template = plan.ids, plan.keys, plan.values, plan.detail
-        if template is not self.template:  # first add trained the index
-            write_index(template, self.path / TEMPLATE)
+        template = plan.detail
+        if template is not self.template:  # the first add trained the index
+            write_durably(self.path / TEMPLATE, faiss.serialize_index(template))
+            fsync_dir(self.path)
             self.template = template
             for s in self.shards:
                 s.template = template
-                s.index = s._placed(fx.empty_like(template), None)
-        if self.spec.shards == 1:  # one state.json replace commits the whole add
-            self.shards[0].add(ids, keys, values)
-        else:
-            self._add_across_shards(ids, keys, values)
-        # not saved here: open() derives it from the row files; remove() saves it
-        self.next_id = max(self.next_id, int(ids.max()) + 1)
-
-    def _add_across_shards(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None) -> None:
-        """All shards take their rows, or (after a crash half way) none do.
-
-        The intent file records each shard's row count before the add; it is
-        removed once every shard has acknowledged, and open() rolls the
-        shards back to those counts if it finds it.
-        """
-        atomic_write_json(self.path / INTENT, {"rows": [s.store.rows for s in self.shards]})
-        route = ids % self.spec.shards
-        for i, s in enumerate(self.shards):
-            sel = route == i
-            if sel.any():
-                s.add(ids[sel], keys[sel], values[sel] if values is not None else None)
-                faults.point("bank.add:between-shards")
-        (self.path / INTENT).unlink()
-
-    def _roll_back_torn_add(self) -> None:
-        intent = self.path / INTENT
-        if not intent.exists():
-            return
-        before = json.loads(intent.read_text())["rows"]
-        for i, rows in enumerate(before):
-            store = ShardStore(self._shard_path(i), self.spec.dim, self.spec.value_dim,
-                               value_dtype(self.spec.value_dtype))
-            state = json.loads((store.path / "state.json").read_text())
-            if state["rows"] > rows:
-                store.state = state
-                store.save_state(rows=rows)  # a snapshot past `rows` is rebuilt by load()
-        intent.unlink()
+                s.index = s._fresh_index()
+        ops = [Op(REMOVE, (plan.evict,))] if len(plan.evict) else []
+        ops.append(Op(ADD, (plan.ids, plan.keys, plan.values, plan.scores)))
+        if plan.moved_from is not None:
+            source, ids = plan.moved_from
+            ops.append(Op(MOVED, (np.frombuffer(source.encode(), np.uint8), ids)))
+        self._commit(ops)
 
     def update_values(self, ids: np.ndarray, values: np.ndarray) -> int:
-        shard_of, rows, found = self.get_rows(ids)
-        for i, s in enumerate(self.shards):
-            sel = found & (shard_of == i)
-            if sel.any():
-                s.store.update_values(rows[sel], values[sel])
+        found = self.get_rows(ids)[2]
+        if found.any():
+            self._commit([Op(UPDATE, (ids[found], values[found]))])
         return int(found.sum())
 
     def remove(self, ids: np.ndarray) -> int:
-        self._save_meta()  # the largest id may go: never hand it out again
-        route = ids % self.spec.shards
-        return sum(s.remove(ids[route == i]) for i, s in enumerate(self.shards))
+        found = self.get_rows(ids)[2]
+        if found.any():
+            self._commit([Op(REMOVE, (ids[found],))])
+        return int(found.sum())
 
-    def evict_oldest(self, nbytes: int, row_bytes: int | None = None) -> int:
+    def oldest_ids(self, nbytes: int, row_bytes: int | None = None) -> np.ndarray:
         rows = min(self.count, -(-nbytes // (row_bytes or self._row_bytes())))
-        oldest = np.sort(np.concatenate([s.store.ids.data for s in self.shards]))[:rows]
-        return self.remove(oldest)
+        return np.sort(np.concatenate([s.store.ids.data for s in self.shards]))[:rows]
+
+    def _commit(self, ops: list[Op]) -> None:
+        """Log, then apply (StorageFull/StorageUnwritable before anything changed).
+        An apply that fails half way (memory, the mmap tier's files) takes its
+        record back and reloads the bank from its files: all or nothing here too."""
+        size = self.wal.size
+        lsn = self.wal.append(ops)
+        faults.point("bank.write:logged")
+        try:
+            self._apply(ops)
+        except BaseException:
+            self.wal.undo(lsn, size)
+            self.wal.close()
+            self.open()                    # the checkpoint plus the log without it
+            raise
+        self.lsn = lsn
+        relay = self.spec.tier == "mmap" and any(op.code in (UPDATE, REMOVE) for op in ops)
+        due = relay or self._checkpoint_due or self.wal.size > max(CHECKPOINT_LOG_BYTES,
+                                                                  self.nbytes() // 4)
+        if any(op.code == MOVED for op in ops):
+            # this record must stay in the log until the source's remove is logged
+            # (engine.banks.move_rows): the next write checkpoints instead
+            self._checkpoint_due = due
+        elif due:
+            try:
+                self.checkpoint()
+            except StorageUnwritable:   # the write is logged and applied; retried next time
+                self._checkpoint_due = True
+
+    def _apply(self, ops: list[Op], replay: bool = False) -> None:
+        n, vdt = self.spec.shards, value_dtype(self.spec.value_dtype)
+        for op in ops:
+            if op.code == MOVED:
+                if replay:
+                    self.replayed_moves.append((op.arrays[0].tobytes().decode(), op.arrays[1]))
+                continue
+            ids = op.arrays[0]
+            route = ids % n
+            for i, s in enumerate(self.shards):
+                sel = route == i if n > 1 else slice(None)
+                if n > 1 and not sel.any():
+                    continue
+                if op.code == ADD:
+                    _, keys, values, scores = op.arrays
+                    values = typed(values, vdt)
+                    s.add(ids[sel], keys[sel], None if values is None else values[sel],
+                          None if scores is None else scores[sel])
+                    if not replay:
+                        faults.point("bank.add:between-shards")
+                elif op.code == UPDATE:
+                    rows, found = s.store.lookup(ids[sel])
+                    s.update_values(rows[found], typed(op.arrays[1], vdt)[sel][found])
+                elif op.code == REMOVE:
+                    s.remove(ids[sel])
+            if op.code == ADD and len(ids):
+                self.next_id = max(self.next_id, int(ids.max()) + 1)
+
+    def sync(self, lsn: int) -> None:
+        self.wal.sync(lsn)
 
     def checksum(self) -> str:
         """sha256 over every shard's rows: what a frozen bank promises to hold."""
@@ -280,6 +408,15 @@ class Bank(BankStore):
                 None if k_out is None else k_out.reshape(*shape, self.spec.dim),
                 None if v_out is None else v_out.reshape(*shape, self.spec.value_dim))
 
+    def scores_of(self, ids: np.ndarray) -> np.ndarray:
+        out = np.full(len(ids), np.nan, np.float32)
+        route = ids % self.spec.shards
+        for i, s in enumerate(self.shards):
+            sel = route == i
+            if sel.any():
+                out[sel] = s.scores_of(ids[sel])[1]
+        return out
+
     def export_chunks(self, chunk_rows: int) -> Iterator[ExportChunk]:
         for s in self.shards:
             for start in range(0, s.store.rows, chunk_rows):
@@ -287,3 +424,14 @@ class Bank(BankStore):
                 vals = s.store.values.data[start:end].copy() if s.store.values is not None else None
                 yield ExportChunk(ids=s.store.ids.data[start:end].copy(),
                                   keys=s.store.keys.data[start:end].copy(), values=vals)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A snapshot's copy of a checkpoint file: a hard link where the snapshot is
+    on the same file system (checkpoint files are never rewritten in place:
+    only bytes past the rows a checkpoint counts are ever added), else a copy."""
+    import os
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)

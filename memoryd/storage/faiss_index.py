@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from memoryd.errors import FailedPrecondition, InvalidArgument, NeedsTraining
-from memoryd.keyspace import IndexSpec
+from memoryd.keyspace import MAX_EF, IndexSpec
 
 # How to get faiss, as the README's install line says it (./dev installs the cpu extra).
 INSTALL_HINT = ("pip install -e '.[cpu]' in the memoryd checkout (CPU hosts), "
@@ -63,6 +63,21 @@ def _inner(index: "faiss.Index") -> "faiss.Index":
     return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
 
 
+def _hnsw(index: "faiss.Index"):
+    """The HNSW graph of an index (through IDMap and transforms: "PCA64,HNSW32"), or None."""
+    inner = _inner(index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return getattr(inner, "hnsw", None)
+
+
+def _ivf(index: "faiss.Index"):
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
+
+
 def build(dim: int, spec_text: str, metric: str) -> "faiss.Index":
     """An empty index for spec, or InvalidArgument with FAISS's own reason."""
     spec = IndexSpec.parse(spec_text)
@@ -77,6 +92,29 @@ def build(dim: int, spec_text: str, metric: str) -> "faiss.Index":
     return index
 
 
+def check_graph(index: "faiss.Index") -> None:
+    """InvalidArgument for an HNSW graph with M < 2: faiss aborts (M=0) or
+    segfaults (M=1) on the first add. memoryd.keyspace.check_index refuses such
+    specs at creation. A bank made before that still opens (build() does not
+    check: it is empty, its first add crashed) and can be deleted; its adds are
+    refused where planning them asks bytes_per_vector, and the add planning of
+    the others (HNSW<M> over keys kept in the rows) should call this too."""
+    graphs = [_hnsw(index)]
+    ivf = _ivf(index)
+    if ivf is not None:
+        graphs.append(getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None))
+    for g in graphs:
+        if g is None:
+            continue
+        try:
+            ok = g.nb_neighbors(0) >= 4 and g.nb_neighbors(1) >= 2     # 2M at level 0, M above
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise InvalidArgument("this bank's HNSW graph has M < 2 links per node, which faiss "
+                                  "cannot add to (made before memoryd checked it): delete it")
+
+
 def _has_native_ids(index: "faiss.Index") -> bool:
     try:
         faiss.extract_index_ivf(index)
@@ -86,15 +124,12 @@ def _has_native_ids(index: "faiss.Index") -> bool:
 
 
 def _apply_params(index: "faiss.Index", spec: IndexSpec) -> None:
-    inner = _inner(index)
-    hnsw = getattr(inner, "hnsw", None)
+    hnsw = _hnsw(index)
     if hnsw is not None:
         hnsw.efSearch = max(hnsw.efSearch, DEFAULT_EF_SEARCH)
-    try:
-        ivf = faiss.extract_index_ivf(index)
+    ivf = _ivf(index)
+    if ivf is not None:
         ivf.nprobe = min(ivf.nlist, max(ivf.nprobe, DEFAULT_NPROBE))
-    except (RuntimeError, TypeError):
-        pass
     if spec.params:
         try:
             faiss.ParameterSpace().set_index_parameters(index, spec.params)
@@ -102,6 +137,22 @@ def _apply_params(index: "faiss.Index", spec: IndexSpec) -> None:
             raise InvalidArgument(
                 f"bad search parameters {spec.params!r} for {spec.factory!r}: "
                 f"{faiss_reason(e)}") from None
+    _clamp_params(index)
+
+
+def _clamp_params(index: "faiss.Index") -> None:
+    """Search parameters into the ranges check_index enforces at creation, for
+    banks made before it: nprobe 0 failed every search, efSearch 0 returned one
+    result, efSearch 2**31-1 allocated ~24 GB a search."""
+    ivf = _ivf(index)
+    graphs = [_hnsw(index)]
+    if ivf is not None:
+        ivf.nprobe = min(max(ivf.nprobe, 1), max(ivf.nlist, 1))
+        graphs.append(getattr(faiss.downcast_index(ivf.quantizer), "hnsw", None))
+    for g in graphs:
+        if g is not None:
+            g.efSearch = min(max(g.efSearch, 1), MAX_EF)
+            g.efConstruction = min(max(g.efConstruction, 1), MAX_EF)
 
 
 def min_training_rows(index: "faiss.Index") -> int:
@@ -155,7 +206,8 @@ def bytes_per_vector(index: "faiss.Index", dim: int) -> int:
     except RuntimeError:
         code = getattr(inner, "code_size", 0) or dim * 4
     per = code + 8  # the 64-bit id (IDMap array or IVF list entry)
-    hnsw = getattr(inner, "hnsw", None)
+    check_graph(index)
+    hnsw = _hnsw(index)
     if hnsw is not None:
         m0, m1 = hnsw.nb_neighbors(0), hnsw.nb_neighbors(1)
         # level-0 links, expected upper-level links (a vector reaches level 1
@@ -165,7 +217,21 @@ def bytes_per_vector(index: "faiss.Index", dim: int) -> int:
 
 
 def supports_remove(index: "faiss.Index") -> bool:
-    return getattr(_inner(index), "hnsw", None) is None
+    return _hnsw(index) is None     # also "PCA64,HNSW32": remove_ids is not implemented
+
+
+def search_params(index: "faiss.Index", k: int):
+    """SearchParameters for a top-k search of index, or None (its own settings).
+
+    faiss's HNSW search keeps efSearch candidates, so with efSearch < k it
+    returns fewer than k results although the index holds more (efSearch=8,
+    k=1000: 373): an HNSW search runs with max(efSearch, k) candidates (k is at
+    most api.MAX_K = MAX_EF). Shards pass this to index.search(..., params=).
+    """
+    hnsw = _hnsw(index)
+    if hnsw is None or hnsw.efSearch >= k:
+        return None
+    return faiss.SearchParametersHNSW(efSearch=int(k))
 
 
 def empty_like(index: "faiss.Index") -> "faiss.Index":
@@ -237,8 +303,7 @@ def omp_threads(n: int) -> Iterator[None]:
 
 def work_per_query(index: "faiss.Index", rows: int, dim: int) -> int:
     """Rough multiply-adds one query costs in index holding rows vectors (threads_for)."""
-    inner = _inner(index)
-    hnsw = getattr(inner, "hnsw", None)
+    hnsw = _hnsw(index)
     if hnsw is not None:      # ~efSearch nodes visited, each with its level-0 links
         return max(1, hnsw.efSearch) * hnsw.nb_neighbors(0) * dim
     try:

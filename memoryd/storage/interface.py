@@ -7,6 +7,12 @@ dedups session keys with a flat faiss index). An operation a kind of bank cannot
 (e.g. adding keys to a product-key bank), never AttributeError: every method
 below is abstract, so a bank class that forgets one cannot be built.
 
+Durability: every write method below is one record of the bank's
+write-ahead log (memoryd.storage.wal), logged before it is applied: all of
+it survives a crash or none of it does. `lsn` is the last record applied;
+`sync(lsn)` returns once it is on disk (called outside the lock: group
+commit). StorageFull / StorageUnwritable mean nothing was applied.
+
 Locking: each bank carries a readers/writer lock (`lock`). The engine holds
 `lock.write()` around writes (from plan_add to add, with the quota
 reservation between them) and `lock.read()` around reads; the methods here
@@ -35,6 +41,10 @@ class AddPlan:
     values: np.ndarray | None          # (n, value_dim) in the bank's value dtype
     row_bytes: int                     # what one row costs once the plan is applied
     detail: Any = field(default=None, repr=False)   # the bank's own (e.g. a trained index)
+    scores: np.ndarray | None = None   # (n,) float32: a session append's scores
+    evict: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    # ^ fifo: the oldest ids this add removes to make room, in the same log record
+    moved_from: tuple[str, np.ndarray] | None = None   # a promote's (source bank, ids)
 
 
 class BankStore(ABC):
@@ -44,6 +54,10 @@ class BankStore(ABC):
         self.path, self.spec = Path(path), spec
         self.lock = RWLock()
         self.frozen = False            # mirrors the catalog; set by the engine
+        self.lsn = 0                   # the last log record applied
+        # (source bank, ids) of promotes-with-move found in the log on open: the
+        # engine makes sure those ids left the source (engine.banks._redo_moves)
+        self.replayed_moves: list[tuple[str, np.ndarray]] = []
 
     # ---- life cycle -----------------------------------------------------------
     @abstractmethod
@@ -56,7 +70,20 @@ class BankStore(ABC):
 
     @abstractmethod
     def checkpoint(self) -> None:
-        """Write what a restart would otherwise rebuild (index snapshots)."""
+        """Write the bank's files (fsync'd, switched atomically) and empty its log."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release open files (after a checkpoint, or without one: the log keeps it all)."""
+
+    @abstractmethod
+    def snapshot_to(self, dest: Path) -> None:
+        """Checkpoint, then put the checkpoint's files in dest (a new folder): a
+        bank folder that open() loads as this bank is now."""
+
+    @abstractmethod
+    def sync(self, lsn: int) -> None:
+        """Return once log record lsn is on disk (fsync'd)."""
 
     @abstractmethod
     def delete_files(self) -> None: ...
@@ -86,10 +113,14 @@ class BankStore(ABC):
     def tier_bytes(self) -> dict[str, int]:
         """Where nbytes() sits ({"ram"|"disk"|"gpu": bytes}), and the files on disk."""
 
+    @abstractmethod
+    def split_bytes(self) -> dict[str, int]:
+        """nbytes() split: {"data": ids, keys, values; "index": what the index adds}."""
+
     # ---- writes (the caller holds lock.write()) --------------------------------------
     @abstractmethod
     def plan_add(self, keys: np.ndarray, values: np.ndarray | None,
-                 ids: np.ndarray | None) -> AddPlan:
+                 ids: np.ndarray | None, scores: np.ndarray | None = None) -> AddPlan:
         """Check an add (ids new and valid; InvalidArgument, NeedsTraining) and
         prepare it; nothing is written."""
 
@@ -110,9 +141,9 @@ class BankStore(ABC):
         """Remove the ids held; how many were."""
 
     @abstractmethod
-    def evict_oldest(self, nbytes: int, row_bytes: int | None = None) -> int:
-        """Remove the oldest rows (smallest ids) worth nbytes at row_bytes each
-        (default: what a row costs now); returns how many were removed."""
+    def oldest_ids(self, nbytes: int, row_bytes: int | None = None) -> np.ndarray:
+        """The oldest ids (smallest) worth nbytes at row_bytes each (default:
+        what a row costs now): what fifo eviction removes."""
 
     # ---- reads (the caller holds lock.read()) ------------------------------------------
     @abstractmethod
@@ -123,6 +154,10 @@ class BankStore(ABC):
     def gather(self, ids: np.ndarray, *, keys: bool, values: bool
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """(found, keys, values) for any-shaped ids; zeros where not found."""
+
+    @abstractmethod
+    def scores_of(self, ids: np.ndarray) -> np.ndarray:
+        """(n,) float32 scores a session append gave ids; NaN where none."""
 
     @abstractmethod
     def export_chunks(self, chunk_rows: int) -> Iterator[ExportChunk]: ...

@@ -29,6 +29,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -36,12 +38,51 @@ import numpy as np
 
 from memoryd.api import BankSpec, ExportChunk, SearchResult
 from memoryd.arrays import value_dtype
-from memoryd.errors import FailedPrecondition, InvalidArgument
+from memoryd.errors import FailedPrecondition, InvalidArgument, QuotaExceeded
 from memoryd.keyspace import key_vectors, parse_product_keys, subkeys
 from memoryd.storage import faiss_index as fx
 from memoryd.storage.faiss_index import faiss
 from memoryd.storage.interface import AddPlan, BankStore
-from memoryd.storage.rows import atomic_write_json, folder_bytes
+from memoryd.storage.files import as_bytes, atomic_write_json, fsync_dir, write_durably
+from memoryd.storage.rows import folder_bytes
+from memoryd.storage.wal import LOG, UPDATE, Op, WriteAheadLog, typed
+
+
+HOST_MEMORY_SHARE = 0.5   # of this host's RAM that one product-key bank may take
+
+
+def host_memory() -> int:
+    """Bytes of RAM of this host (64 GiB where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 64 << 30
+
+
+def planned_bytes(spec: BankSpec, n: int) -> int:
+    """What a product-key bank of n^2 keys holds in RAM (= nbytes()): both sub-key
+    tables twice (numpy and the flat indexes) and the n^2 x value_dim value table."""
+    return 2 * (4 * n * spec.dim) + n * n * spec.value_dim * value_dtype(spec.value_dtype).itemsize
+
+
+def check_size(spec: BankSpec, n: int) -> None:
+    """Refuse a bank whose tables would not fit, BEFORE allocating them (a
+    MemoryError deep in numpy would be an internal error, and an allocation that
+    succeeds by overcommit would get the daemon killed): QuotaExceeded over the
+    bank's own quota, InvalidArgument over HOST_MEMORY_SHARE of this host's RAM.
+    (The tenant's quota is checked when the catalog reserves the bytes.)"""
+    from memoryd.sizes import describe_size
+
+    need = planned_bytes(spec, n)
+    if spec.quota_bytes is not None and need > spec.quota_bytes:
+        raise QuotaExceeded(spec.name, 0, spec.quota_bytes, need)
+    most = int(host_memory() * HOST_MEMORY_SHARE)
+    if need > most:
+        raise InvalidArgument(
+            f"product-key bank '{spec.name}' would hold {n}^2 keys with {spec.value_dim}-d "
+            f"{spec.value_dtype} values: {describe_size(need)} of RAM, above the "
+            f"{describe_size(most)} one bank may take on this host (half its memory); use "
+            "fewer sub-keys or a smaller value_dim")
 
 
 class ProductKeyBank(BankStore):
@@ -58,6 +99,7 @@ class ProductKeyBank(BankStore):
             raise InvalidArgument("a product-key bank is searched exactly in one piece: use shards=1")
         super().__init__(path, spec)
         self.n, self.seed = parse_product_keys(spec.index)
+        check_size(spec, self.n)                    # before allocating anything of that size
         self.sub = subkeys(self.n, spec.dim, self.seed)                      # (2, n, dim/2)
         self.halves = [faiss.IndexFlatIP(spec.dim // 2) for _ in range(2)]
         for flat, c in zip(self.halves, self.sub):
@@ -65,30 +107,72 @@ class ProductKeyBank(BankStore):
         self._pair_cache: dict[tuple[int, int], tuple[np.ndarray, ...]] = {}   # _pairs
         vdt = value_dtype(spec.value_dtype)
         self.values = np.zeros((self.count, spec.value_dim), vdt) if spec.value_dim else None
+        self.wal = WriteAheadLog(self.path / LOG)
+        self.seq = self.checkpoint_lsn = 0
 
     # ---- life cycle ---------------------------------------------------------------
-    def _values_file(self) -> Path:
-        return self.path / "values.bin"
+    # Files: bank.json (the checkpoint record: {"format": 2, "seq", "lsn"}),
+    # values.<seq>.bin (the value table as of that checkpoint) and wal.log
+    # (value updates since: memoryd.storage.wal), as for every bank.
+    def _values_file(self, seq: int | None = None) -> Path:
+        seq = self.seq if seq is None else seq
+        return self.path / (f"values.{seq}.bin" if seq else "values.bin")
 
     def create(self) -> "ProductKeyBank":
         self.path.mkdir(parents=True, exist_ok=False)
-        if self.values is not None:
-            self.values.tofile(self._values_file())
-        atomic_write_json(self.path / "bank.json", {"spec": self.spec.index})
+        self.wal.create()
+        self.seq = 0
+        self.checkpoint(force=True)
+        fsync_dir(self.path.parent)
         return self
 
     def open(self) -> "ProductKeyBank":
+        meta = json.loads((self.path / "bank.json").read_text())
+        self.seq = int(meta.get("seq", 0))                 # 0: format 1, values.bin
+        self.lsn = self.checkpoint_lsn = int(meta.get("lsn", 0))
         if self.values is not None:
             self.values = np.fromfile(self._values_file(), self.values.dtype).reshape(self.values.shape)
+        replayed = 0
+        for lsn, ops in self.wal.open(after_lsn=self.checkpoint_lsn):
+            for op in ops:
+                if op.code == UPDATE:
+                    self._apply_update(op.arrays[0], typed(op.arrays[1], self.values.dtype))
+            self.lsn, replayed = lsn, replayed + 1
+        if replayed or not self.seq:
+            self.checkpoint(force=True)
         return self
 
-    def checkpoint(self) -> None:  # values are written through on every update
-        pass
+    def checkpoint(self, force: bool = False) -> None:
+        """The value table in a new file, fsync'd, then the record naming it."""
+        if self.lsn == self.checkpoint_lsn and not force:
+            return
+        seq = self.seq + 1
+        if self.values is not None:
+            write_durably(self._values_file(seq), as_bytes(self.values))
+        atomic_write_json(self.path / "bank.json",
+                          {"format": 2, "seq": seq, "lsn": self.lsn, "spec": self.spec.index})
+        old, self.seq, self.checkpoint_lsn = self._values_file(), seq, self.lsn
+        if old != self._values_file():
+            old.unlink(missing_ok=True)
+        self.wal.reset(self.lsn)
+
+    def close(self) -> None:
+        self.wal.close()
+
+    def sync(self, lsn: int) -> None:
+        self.wal.sync(lsn)
+
+    def snapshot_to(self, dest: Path) -> None:
+        self.checkpoint(force=True)
+        dest.mkdir(parents=True, exist_ok=False)
+        names = ["bank.json"] + ([self._values_file().name] if self.values is not None else [])
+        for name in names:
+            shutil.copyfile(self.path / name, dest / name)
+        (dest / LOG).touch()
 
     def delete_files(self) -> None:
-        for p in self.path.glob("*"):
-            p.unlink()
-        self.path.rmdir()
+        self.wal.close()
+        shutil.rmtree(self.path)
 
     # ---- sizes --------------------------------------------------------------------
     @property
@@ -110,7 +194,7 @@ class ProductKeyBank(BankStore):
             f"bank '{self.spec.name}' has product keys, fixed at creation: it cannot {op}; "
             "set its values with update_values")
 
-    def plan_add(self, keys, values, ids) -> AddPlan:
+    def plan_add(self, keys, values, ids, scores=None) -> AddPlan:
         raise self._fixed("add keys")
 
     def add_cost(self, plan: AddPlan) -> int:
@@ -122,18 +206,29 @@ class ProductKeyBank(BankStore):
     def remove(self, ids: np.ndarray) -> int:
         raise self._fixed("remove keys")
 
-    def evict_oldest(self, nbytes: int, row_bytes: int | None = None) -> int:
+    def oldest_ids(self, nbytes: int, row_bytes: int | None = None) -> np.ndarray:
         raise self._fixed("evict its oldest keys (fifo)")
 
     def update_values(self, ids: np.ndarray, values: np.ndarray) -> int:
+        """One log record, then the table in RAM (a checkpoint writes it out)."""
         found = (ids >= 0) & (ids < self.count)
-        rows, vals = ids[found], values[found]
-        self.values[rows] = vals
-        mm = np.memmap(self._values_file(), dtype=self.values.dtype, mode="r+", shape=self.values.shape)
-        mm[rows] = vals
-        mm.flush()
-        del mm
+        if found.any():
+            rows, vals = ids[found], values[found]
+            self.lsn = self.wal.append([Op(UPDATE, (rows, vals))])
+            self._apply_update(rows, vals)
+            if self.wal.size > max(64 << 20, self.nbytes() // 4):
+                self.checkpoint()
         return int(found.sum())
+
+    def _apply_update(self, rows: np.ndarray, vals: np.ndarray) -> None:
+        self.values[rows] = vals
+
+    def scores_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.full(len(ids), np.nan, np.float32)
+
+    def split_bytes(self) -> dict[str, int]:
+        vals = 0 if self.values is None else self.values.nbytes
+        return {"data": vals, "index": self.nbytes() - vals}
 
     def tier_bytes(self) -> dict[str, int]:
         disk = folder_bytes(self.path)

@@ -1,62 +1,60 @@
-"""The rows of one shard (ids, keys, values): in RAM, mirrored to disk.
+"""The rows of one shard (ids, keys, values, and a session's scores): in
+memory, and in files as of the bank's last checkpoint.
 
-On disk a shard is a folder:
+On disk (a shard's folder; which generation and how many rows count is
+the bank's checkpoint record, memoryd.storage.bank):
 
-    state.json              {"generation": g, "rows": n, "index_rows": m}
     ids.<g>.bin             int64 little-endian, one per row, in insertion order
     keys.<g>.bin            float32 (n, dim)
     values.<g>.bin          value dtype (n, value_dim), absent for key-only banks
-    index.<g>.faiss         snapshot of the shard's FAISS index covering rows [0, m)
+    scores.<g>.bin          float32 (n,), session banks only (NaN: no score)
 
-Appends write the row files first and then replace state.json atomically, so
-a torn append is invisible: rows beyond state["rows"] are ignored and
-overwritten. The index is a derived cache: on open, rows [m, n) are re-added
-from the row files (the row files act as the log of adds, which is where a
-write-ahead log slots in). Removals write a new generation and switch to it
-with the same atomic state.json replace.
+Between checkpoints the bank's write-ahead log holds the changes and these
+files are not modified: a checkpoint either appends the new rows after the
+`rows` its predecessor counted (bytes past that count belong to no
+checkpoint, so writing them cannot damage one) or, once rows were updated or
+removed, writes a whole new generation. The mmap tier reads the columns
+straight from the files, so its appends write their bytes past the count at
+once (still no checkpoint's), and its updates and removes re-lay the bank.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from memoryd.storage.files import as_bytes, write_durably
+
 # Row files are raw native-order arrays; the format is little-endian.
 assert sys.byteorder == "little", "memoryd's storage format needs a little-endian host"
-STATE = "state.json"
-
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    """Replace path with obj in one rename: a reader (or a restart after the
-    process died) sees the old or the new state, never a torn one. No fsync:
-    surviving power loss is the write-ahead log's job, not this file's."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
 
 
 class _Column:
     """A growable (n, width) array with amortised O(1) append."""
 
-    def __init__(self, width: int, dtype: np.dtype, data: np.ndarray | None = None):
+    def __init__(self, width: int, dtype: np.dtype):
         self.width, self.dtype = width, np.dtype(dtype)
-        shape = (0, width) if width else (0,)
-        self._buf = np.empty(shape, self.dtype) if data is None else np.array(data, self.dtype)
-        self.n = len(self._buf)
+        self._buf = np.empty(self._shape(0), self.dtype)
+        self.n = 0
+
+    def _shape(self, n: int) -> tuple[int, ...]:
+        return (n, self.width) if self.width else (n,)
 
     @property
     def data(self) -> np.ndarray:
         return self._buf[: self.n]
 
+    @property
+    def row_bytes(self) -> int:
+        return self.dtype.itemsize * max(1, self.width)
+
     def append(self, rows: np.ndarray) -> None:
         need = self.n + len(rows)
         if need > len(self._buf):
             cap = max(need, 2 * len(self._buf), 1024)
-            grown = np.empty((cap, self.width) if self.width else (cap,), self.dtype)
+            grown = np.empty(self._shape(cap), self.dtype)
             grown[: self.n] = self._buf[: self.n]
             self._buf = grown
         self._buf[self.n: need] = rows
@@ -66,23 +64,77 @@ class _Column:
         self._buf = np.array(rows, self.dtype)
         self.n = len(self._buf)
 
+    def read(self, path: Path, n: int) -> None:
+        count = n * max(1, self.width)
+        raw = np.fromfile(path, dtype=self.dtype, count=count)
+        if raw.size != count:
+            raise OSError(f"{path} holds {raw.size} of the {count} items its checkpoint counts")
+        self.replace(raw.reshape(self._shape(n)))
+
     def map(self, path: Path, n: int) -> None:
         """Read rows straight from the file (read-only, paged in on demand)."""
-        shape = (n, self.width) if self.width else (n,)
-        self._buf = (np.memmap(path, dtype=self.dtype, mode="r", shape=shape) if n
-                     else np.empty(shape, self.dtype))
+        self._buf = (np.memmap(path, dtype=self.dtype, mode="r", shape=self._shape(n)) if n
+                     else np.empty(self._shape(0), self.dtype))
         self.n = n
 
 
+class IndexKeys:
+    """The key column of a shard whose index holds the exact vectors in row
+    order (HNSW over a flat storage, on the ram tier): a view of the index's
+    own vectors, so each key is held once. Its file is the index snapshot:
+    nothing is written for it. Between a removal and the index rebuilt from
+    what stays (shard.Shard.remove), and on an open that must re-add rows
+    the snapshot lacks, it holds a RAM copy (`pending`) until settle()."""
+
+    persist = False
+
+    def __init__(self, dim: int, vectors):
+        self.width, self.dtype = dim, np.dtype(np.float32)
+        self.vectors = vectors             # () -> the index's (n, dim) float32 view
+        self.pending: np.ndarray | None = None
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.pending if self.pending is not None else self.vectors()
+
+    @property
+    def n(self) -> int:
+        return len(self.data)
+
+    @property
+    def row_bytes(self) -> int:
+        return 4 * self.width
+
+    def append(self, rows: np.ndarray) -> None:
+        pass                               # the index's add stores them
+
+    def replace(self, rows: np.ndarray) -> None:
+        self.pending = np.array(rows, self.dtype)
+
+    def read(self, path: Path, n: int) -> None:
+        """Keys the snapshot may lack: from a key file if one is there (an older
+        layout, or a bank that was on another tier)."""
+        self.pending = None
+        if path.exists() and os.path.getsize(path) >= n * self.row_bytes:
+            self.pending = np.fromfile(path, np.float32, count=n * self.width).reshape(n, self.width)
+
+    def settle(self) -> None:
+        self.pending = None
+
+
 class ShardStore:
-    def __init__(self, path: Path, dim: int, value_dim: int, value_dtype: np.dtype):
+    def __init__(self, path: Path, dim: int, value_dim: int, value_dtype: np.dtype,
+                 scores: bool = False):
         self.path = Path(path)
         self.value_dim = value_dim
         self.ids = _Column(0, np.int64)
         self.keys = _Column(dim, np.float32)
         self.values = _Column(value_dim, value_dtype) if value_dim else None
-        self.state = {"generation": 0, "rows": 0, "index_rows": 0}
-        self.mapped = False    # tier mmap: columns read from the files, not RAM copies
+        self.scores = _Column(0, np.float32) if scores else None
+        self.gen = 0            # the generation of the row files
+        self.persisted = 0      # rows whose bytes are in the files (>= the checkpoint's)
+        self.relaid = False     # rows changed in place or left: the next checkpoint re-lays
+        self.mapped = False     # tier mmap: columns read from the files, not RAM copies
         # sorted view of ids for vectorised id -> row lookups
         self._sorted_ids = np.empty(0, np.int64)
         self._sorted_rows = np.empty(0, np.int64)
@@ -90,94 +142,122 @@ class ShardStore:
 
     # ---- files -------------------------------------------------------------
     def _file(self, name: str, gen: int | None = None) -> Path:
-        gen = self.state["generation"] if gen is None else gen
-        return self.path / f"{name}.{gen}.bin"
+        return self.path / f"{name}.{self.gen if gen is None else gen}.bin"
 
-    def index_file(self, gen: int | None = None) -> Path:
-        gen = self.state["generation"] if gen is None else gen
-        return self.path / f"index.{gen}.faiss"
-
-    def _columns(self):
+    def _columns(self) -> list[tuple[str, _Column]]:
         cols = [("ids", self.ids), ("keys", self.keys)]
-        return cols + ([("values", self.values)] if self.values is not None else [])
+        cols += [("values", self.values)] if self.values is not None else []
+        return cols + ([("scores", self.scores)] if self.scores is not None else [])
+
+    def _persisted(self) -> list[tuple[str, _Column]]:
+        return [(name, col) for name, col in self._columns() if getattr(col, "persist", True)]
+
+    def files(self) -> list[Path]:
+        """The row files of the current generation (what a snapshot copies)."""
+        return [self._file(name) for name, _ in self._persisted()]
+
+    def keys_in_index(self, vectors) -> None:
+        """Serve the key column from the index's own vectors (IndexKeys)."""
+        self.keys = IndexKeys(self.keys.width, vectors)
 
     def create(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        for name, _ in self._columns():
+        for name, _ in self._persisted():
             self._file(name).touch()
-        atomic_write_json(self.path / STATE, self.state)
 
-    def load(self, mapped: bool = False) -> None:
-        """Read state and rows; bytes past the acknowledged rows are dropped."""
-        self.state = json.loads((self.path / STATE).read_text())
-        self.mapped = mapped
-        n = self.state["rows"]
+    def load(self, gen: int, rows: int, mapped: bool = False) -> None:
+        """The checkpoint's rows: generation gen, the first `rows` of each file."""
+        self.gen, self.mapped, self.persisted, self.relaid = gen, mapped, rows, False
         for name, col in self._columns():
-            if mapped:
-                col.map(self._file(name), n)
+            path = self._file(name)
+            if not path.exists() and name == "scores":   # a v1 session bank: no scores yet
+                np.full(rows, np.nan, np.float32).tofile(path)
+            if not getattr(col, "persist", True):
+                col.read(path, rows)
                 continue
-            shape = (n, col.width) if col.width else (n,)
-            count = int(np.prod(shape))
-            raw = np.fromfile(self._file(name), dtype=col.dtype, count=count)
-            if raw.size != count:
-                raise OSError(f"{self._file(name)} holds {raw.size} of {count} acknowledged items")
-            col.replace(raw.reshape(shape))
+            if mapped:
+                if os.path.getsize(path) < rows * col.row_bytes:
+                    raise OSError(f"{path} is shorter than the {rows} rows its checkpoint counts")
+                col.map(path, rows)
+            else:
+                col.read(path, rows)
         self._resort()
 
-    def save_state(self, **changes: int) -> None:
-        self.state = {**self.state, **changes}
-        atomic_write_json(self.path / STATE, self.state)
+    def to_ram(self) -> None:
+        """Copy mapped columns into RAM (before rows change in place)."""
+        if self.mapped:
+            for _, col in self._persisted():
+                col.replace(np.array(col.data))
+            self.mapped = False
 
     # ---- rows --------------------------------------------------------------
     @property
     def rows(self) -> int:
         return self.ids.n
 
-    def append(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None) -> None:
-        """Append rows to files, then acknowledge them in state.json."""
-        start = self.state["rows"]
-        parts = [("ids", ids), ("keys", keys)] + ([("values", values)] if self.values is not None else [])
-        for name, arr in parts:
-            with open(self._file(name), "r+b") as f:
-                f.seek(start * arr[:1].nbytes if len(arr) else 0)
-                f.write(np.ascontiguousarray(arr).tobytes())
-                f.truncate()
-        for (name, col), (_, arr) in zip(self._columns(), parts):
-            if self.mapped:
-                col.map(self._file(name), start + len(arr))
-            else:
-                col.append(arr)
+    def append(self, ids: np.ndarray, keys: np.ndarray, values: np.ndarray | None,
+               scores: np.ndarray | None) -> None:
+        parts = {"ids": ids, "keys": keys, "values": values, "scores": scores}
+        if self.scores is not None and scores is None:
+            parts["scores"] = np.full(len(ids), np.nan, np.float32)
+        start = self.rows
+        if self.mapped:   # past every checkpoint's rows: see the module doc
+            self._write_tail({name: parts[name] for name, _ in self._persisted()}, start)
+            for name, col in self._persisted():
+                col.map(self._file(name), start + len(ids))
+            self.persisted = start + len(ids)
+        else:
+            for name, col in self._columns():
+                col.append(parts[name])
         self._index_new_ids(ids, start)
-        self.save_state(rows=self.rows)
 
     def update_values(self, rows: np.ndarray, values: np.ndarray) -> None:
-        if not self.mapped:  # a mapped column sees the file's new bytes by itself
-            self.values.data[rows] = values
-        mm = np.memmap(self._file("values"), dtype=self.values.dtype, mode="r+",
-                       shape=(self.rows, self.value_dim))
-        mm[rows] = values
-        mm.flush()
-        del mm
+        self.values.data[rows] = values            # RAM columns (the bank unmaps first)
+        self.relaid = True
 
-    def rewrite(self, keep: np.ndarray, index_writer) -> None:
-        """Keep only rows where keep is True, as a new generation.
-
-        index_writer(path) saves the (already updated) index for the new
-        generation, so that state.json switches rows and index together.
-        """
-        old = self.state["generation"]
-        new = old + 1
-        for name, col in self._columns():
+    def keep(self, keep: np.ndarray) -> None:
+        """Keep only the rows where keep is True (in order)."""
+        for _, col in self._columns():
             col.replace(col.data[keep])
-            col.data.tofile(self._file(name, new))
-            if self.mapped:
-                col.map(self._file(name, new), col.n)
-        index_writer(self.index_file(new))
-        self.save_state(generation=new, rows=self.rows, index_rows=self.rows)
-        for name, _ in self._columns():
-            self._file(name, old).unlink(missing_ok=True)
-        self.index_file(old).unlink(missing_ok=True)
+        self.relaid = True
         self._resort()
+
+    # ---- checkpoints ---------------------------------------------------------
+    def write_checkpoint(self) -> dict:
+        """Put every row in the files, fsync'd; the checkpoint record for them.
+        Old-generation files stay until drop_stale() (the record switches first)."""
+        if self.relaid:
+            gen = self.gen + 1
+            for name, col in self._persisted():
+                write_durably(self._file(name, gen), as_bytes(col.data))
+            self.gen, self.relaid = gen, False
+        elif self.persisted < self.rows or self.mapped:
+            tail = {name: col.data[self.persisted:] for name, col in self._persisted()}
+            self._write_tail(tail, self.persisted, sync=True)
+        self.persisted = self.rows
+        return {"gen": self.gen, "rows": self.rows}
+
+    def _write_tail(self, parts: dict[str, np.ndarray], start: int, sync: bool = False) -> None:
+        from memoryd.errors import StorageUnwritable
+        for name, col in self._persisted():
+            path = self._file(name)
+            try:
+                with open(path, "r+b") as f:
+                    f.seek(start * col.row_bytes)
+                    f.write(as_bytes(parts[name]))
+                    f.truncate()
+                    if sync:
+                        f.flush()
+                        os.fsync(f.fileno())
+            except OSError as e:
+                raise StorageUnwritable.from_os_error(e, path) from None
+
+    def drop_stale(self) -> None:
+        """Delete row files of generations before the current one."""
+        keep = {p.name for p in self.files()}
+        for p in self.path.glob("*.bin"):
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
 
     # ---- id -> row ----------------------------------------------------------
     # Bank-assigned ids make a shard's ids an arithmetic progression in row
@@ -229,7 +309,8 @@ class ShardStore:
         return np.where(found, self._sorted_rows[pos], 0), found
 
     def nbytes(self) -> int:
-        return sum(col.data.nbytes for _, col in self._columns())
+        """Bytes of the columns this store holds itself (IndexKeys: the index's)."""
+        return sum(col.data.nbytes for _, col in self._persisted())
 
     def disk_bytes(self) -> int:
         return folder_bytes(self.path)
@@ -241,9 +322,14 @@ class ShardStore:
 
 
 def folder_bytes(path: Path) -> int:
-    """Bytes of the files directly in path (a file may vanish while we look)."""
+    """Bytes of the files directly in path (a file, or path itself, may vanish
+    while we look: a bank being deleted)."""
     total = 0
-    for entry in os.scandir(path):
+    try:
+        entries = list(os.scandir(path))
+    except FileNotFoundError:
+        return 0
+    for entry in entries:
         try:
             if entry.is_file():
                 total += entry.stat().st_size

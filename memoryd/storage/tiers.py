@@ -39,8 +39,9 @@ class MappedIndex:
     def ntotal(self) -> int:
         return (self.base.ntotal if self.base is not None else 0) + self.delta.ntotal
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = [ix.search(queries, k) for ix in (self.base, self.delta)
+    def search(self, queries: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
+        extra = {} if params is None else {"params": params}
+        parts = [ix.search(queries, k, **extra) for ix in (self.base, self.delta)
                  if ix is not None and ix.ntotal]
         if len(parts) == 1:
             return parts[0]
@@ -69,8 +70,8 @@ class GpuIndex:
     def ntotal(self) -> int:
         return self.index.ntotal
 
-    def search(self, queries: np.ndarray, k: int):
-        return self.index.search(queries, k)
+    def search(self, queries: np.ndarray, k: int, params=None):
+        return self.index.search(queries, k) if params is None else self.index.search(queries, k, params=params)
 
     def add_with_ids(self, keys: np.ndarray, ids: np.ndarray) -> None:
         self.index.add_with_ids(keys, ids)

@@ -28,6 +28,12 @@ class BankKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BASE: _ClassVar[BankKind]
     DOMAIN: _ClassVar[BankKind]
     SESSION: _ClassVar[BankKind]
+
+class Ack(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_DEFAULT: _ClassVar[Ack]
+    ACK_APPLIED: _ClassVar[Ack]
+    ACK_DURABLE: _ClassVar[Ack]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType
@@ -41,6 +47,9 @@ KIND_UNSPECIFIED: BankKind
 BASE: BankKind
 DOMAIN: BankKind
 SESSION: BankKind
+ACK_DEFAULT: Ack
+ACK_APPLIED: Ack
+ACK_DURABLE: Ack
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "buffer_offset")
@@ -85,7 +94,7 @@ class BankSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[BankKind, str]] = ..., dim: _Optional[int] = ..., value_dim: _Optional[int] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., index: _Optional[str] = ..., shards: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., tenant: _Optional[str] = ..., tier: _Optional[str] = ..., eviction: _Optional[str] = ..., key_version: _Optional[str] = ...) -> None: ...
 
 class BankInfo(_message.Message):
-    __slots__ = ("spec", "count", "used_bytes", "frozen", "trained", "checksum", "created_at", "updated_at", "tier_bytes")
+    __slots__ = ("spec", "count", "used_bytes", "frozen", "trained", "checksum", "created_at", "updated_at", "tier_bytes", "data_bytes")
     class TierBytesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +111,7 @@ class BankInfo(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     TIER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     spec: BankSpec
     count: int
     used_bytes: int
@@ -111,7 +121,8 @@ class BankInfo(_message.Message):
     created_at: float
     updated_at: float
     tier_bytes: _containers.ScalarMap[str, int]
-    def __init__(self, spec: _Optional[_Union[BankSpec, _Mapping]] = ..., count: _Optional[int] = ..., used_bytes: _Optional[int] = ..., frozen: _Optional[bool] = ..., trained: _Optional[bool] = ..., checksum: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., tier_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    data_bytes: int
+    def __init__(self, spec: _Optional[_Union[BankSpec, _Mapping]] = ..., count: _Optional[int] = ..., used_bytes: _Optional[int] = ..., frozen: _Optional[bool] = ..., trained: _Optional[bool] = ..., checksum: _Optional[str] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., tier_bytes: _Optional[_Mapping[str, int]] = ..., data_bytes: _Optional[int] = ...) -> None: ...
 
 class CreateBankRequest(_message.Message):
     __slots__ = ("spec",)
@@ -160,16 +171,18 @@ class SetTierRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("bank", "keys", "values", "ids")
+    __slots__ = ("bank", "keys", "values", "ids", "ack")
     BANK_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     bank: str
     keys: Tensor
     values: Tensor
     ids: Tensor
-    def __init__(self, bank: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ack: Ack
+    def __init__(self, bank: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., ack: _Optional[_Union[Ack, str]] = ...) -> None: ...
 
 class AddResponse(_message.Message):
     __slots__ = ("ids",)
@@ -258,14 +271,16 @@ class GetResponse(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., found: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class UpdateValuesRequest(_message.Message):
-    __slots__ = ("bank", "ids", "values")
+    __slots__ = ("bank", "ids", "values", "ack")
     BANK_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     bank: str
     ids: Tensor
     values: Tensor
-    def __init__(self, bank: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ack: Ack
+    def __init__(self, bank: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., ack: _Optional[_Union[Ack, str]] = ...) -> None: ...
 
 class UpdateValuesResponse(_message.Message):
     __slots__ = ("updated",)
@@ -274,12 +289,14 @@ class UpdateValuesResponse(_message.Message):
     def __init__(self, updated: _Optional[int] = ...) -> None: ...
 
 class RemoveRequest(_message.Message):
-    __slots__ = ("bank", "ids")
+    __slots__ = ("bank", "ids", "ack")
     BANK_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     bank: str
     ids: Tensor
-    def __init__(self, bank: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ack: Ack
+    def __init__(self, bank: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., ack: _Optional[_Union[Ack, str]] = ...) -> None: ...
 
 class RemoveResponse(_message.Message):
     __slots__ = ("removed",)
@@ -372,16 +389,18 @@ class ListSessionsResponse(_message.Message):
     def __init__(self, sessions: _Optional[_Iterable[_Union[SessionInfo, _Mapping]]] = ...) -> None: ...
 
 class AppendRequest(_message.Message):
-    __slots__ = ("session_id", "keys", "values", "scores")
+    __slots__ = ("session_id", "keys", "values", "scores", "ack")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     keys: Tensor
     values: Tensor
     scores: Tensor
-    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    ack: Ack
+    def __init__(self, session_id: _Optional[str] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., ack: _Optional[_Union[Ack, str]] = ...) -> None: ...
 
 class AppendResponse(_message.Message):
     __slots__ = ("ids",)
@@ -406,20 +425,22 @@ class CloseSessionResponse(_message.Message):
     def __init__(self, released_bytes: _Optional[int] = ...) -> None: ...
 
 class PromoteSessionRequest(_message.Message):
-    __slots__ = ("session_id", "target", "ids", "min_score", "dedup", "move")
+    __slots__ = ("session_id", "target", "ids", "min_score", "dedup", "move", "ack")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     DEDUP_FIELD_NUMBER: _ClassVar[int]
     MOVE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     target: str
     ids: Tensor
     min_score: float
     dedup: float
     move: bool
-    def __init__(self, session_id: _Optional[str] = ..., target: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., min_score: _Optional[float] = ..., dedup: _Optional[float] = ..., move: _Optional[bool] = ...) -> None: ...
+    ack: Ack
+    def __init__(self, session_id: _Optional[str] = ..., target: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., min_score: _Optional[float] = ..., dedup: _Optional[float] = ..., move: _Optional[bool] = ..., ack: _Optional[_Union[Ack, str]] = ...) -> None: ...
 
 class PromoteSessionResponse(_message.Message):
     __slots__ = ("promoted", "duplicates", "target_ids", "source_ids", "moved")
@@ -561,3 +582,93 @@ class PingResponse(_message.Message):
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     payload: bytes
     def __init__(self, payload: _Optional[bytes] = ...) -> None: ...
+
+class Token(_message.Message):
+    __slots__ = ("id", "name", "tenant", "role", "created_at", "revoked_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    name: str
+    tenant: str
+    role: str
+    created_at: float
+    revoked_at: float
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tenant: _Optional[str] = ..., role: _Optional[str] = ..., created_at: _Optional[float] = ..., revoked_at: _Optional[float] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("tenant", "role", "name")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    role: str
+    name: str
+    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("info", "token")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    info: Token
+    token: str
+    def __init__(self, info: _Optional[_Union[Token, _Mapping]] = ..., token: _Optional[str] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ("tenant",)
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    def __init__(self, tenant: _Optional[str] = ...) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[Token]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class SnapshotBankRequest(_message.Message):
+    __slots__ = ("name", "path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class RestoreBankRequest(_message.Message):
+    __slots__ = ("path", "name")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    name: str
+    def __init__(self, path: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class BackupRequest(_message.Message):
+    __slots__ = ("path",)
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    def __init__(self, path: _Optional[str] = ...) -> None: ...
+
+class SnapshotInfo(_message.Message):
+    __slots__ = ("path", "bank", "count", "used_bytes", "checksum", "banks")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BANK_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    BANKS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    bank: str
+    count: int
+    used_bytes: int
+    checksum: str
+    banks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, path: _Optional[str] = ..., bank: _Optional[str] = ..., count: _Optional[int] = ..., used_bytes: _Optional[int] = ..., checksum: _Optional[str] = ..., banks: _Optional[_Iterable[str]] = ...) -> None: ...

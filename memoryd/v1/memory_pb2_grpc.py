@@ -174,6 +174,36 @@ class MemoryStub:
                 request_serializer=memoryd_dot_v1_dot_memory__pb2.ReplyBufferRef.SerializeToString,
                 response_deserializer=memoryd_dot_v1_dot_memory__pb2.CloseReplyBufferResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/memoryd.v1.Memory/CreateToken',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/memoryd.v1.Memory/ListTokens',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/memoryd.v1.Memory/RevokeToken',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.Token.FromString,
+                _registered_method=True)
+        self.SnapshotBank = channel.unary_unary(
+                '/memoryd.v1.Memory/SnapshotBank',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.SnapshotBankRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
+        self.RestoreBank = channel.unary_unary(
+                '/memoryd.v1.Memory/RestoreBank',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.RestoreBankRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.BankInfo.FromString,
+                _registered_method=True)
+        self.Backup = channel.unary_unary(
+                '/memoryd.v1.Memory/Backup',
+                request_serializer=memoryd_dot_v1_dot_memory__pb2.BackupRequest.SerializeToString,
+                response_deserializer=memoryd_dot_v1_dot_memory__pb2.SnapshotInfo.FromString,
+                _registered_method=True)
 
 
 class MemoryServicer:
@@ -348,6 +378,42 @@ class MemoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SnapshotBank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreBank(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Backup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MemoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -490,6 +556,36 @@ def add_MemoryServicer_to_server(servicer, server):
                     servicer.CloseReplyBuffer,
                     request_deserializer=memoryd_dot_v1_dot_memory__pb2.ReplyBufferRef.FromString,
                     response_serializer=memoryd_dot_v1_dot_memory__pb2.CloseReplyBufferResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.CreateTokenRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.ListTokensRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.Token.SerializeToString,
+            ),
+            'SnapshotBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.SnapshotBank,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.SnapshotBankRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.SnapshotInfo.SerializeToString,
+            ),
+            'RestoreBank': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreBank,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.RestoreBankRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.BankInfo.SerializeToString,
+            ),
+            'Backup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Backup,
+                    request_deserializer=memoryd_dot_v1_dot_memory__pb2.BackupRequest.FromString,
+                    response_serializer=memoryd_dot_v1_dot_memory__pb2.SnapshotInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1248,6 +1344,168 @@ class Memory:
             '/memoryd.v1.Memory/CloseReplyBuffer',
             memoryd_dot_v1_dot_memory__pb2.ReplyBufferRef.SerializeToString,
             memoryd_dot_v1_dot_memory__pb2.CloseReplyBufferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/CreateToken',
+            memoryd_dot_v1_dot_memory__pb2.CreateTokenRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/ListTokens',
+            memoryd_dot_v1_dot_memory__pb2.ListTokensRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/RevokeToken',
+            memoryd_dot_v1_dot_memory__pb2.RevokeTokenRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SnapshotBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/SnapshotBank',
+            memoryd_dot_v1_dot_memory__pb2.SnapshotBankRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.SnapshotInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreBank(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/RestoreBank',
+            memoryd_dot_v1_dot_memory__pb2.RestoreBankRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.BankInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Backup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/memoryd.v1.Memory/Backup',
+            memoryd_dot_v1_dot_memory__pb2.BackupRequest.SerializeToString,
+            memoryd_dot_v1_dot_memory__pb2.SnapshotInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,8 +2,12 @@
 
 Enums that the proto carries as enums (kind, metric, value dtype) map both
 ways; an unset enum takes the interface default, an unknown one becomes a
-name the backend refuses (e.g. "metric#7"). Quotas are int64 with -1 for
-unlimited. Tensors go through memoryd.wire.tensors.
+name the backend refuses (e.g. "metric#7", "kind#9": INVALID_ARGUMENT, never
+a default). Quotas are int64 with -1 for unlimited; any other negative quota
+is INVALID_ARGUMENT (quota_from_pb). Strings (tier, eviction, names) and
+numbers (dims, shards, TTLs, k, dedup) travel as they are and the backend
+checks them (BankSpec/SessionSpec.validated, api.check_k, ...). Tensors go
+through memoryd.wire.tensors.
 """
 from __future__ import annotations
 
@@ -24,8 +28,11 @@ _METRIC_BACK = {v: k for k, v in _METRIC.items()}
 
 # ---- bank messages ---------------------------------------------------------
 
-def spec_to_pb(s: api.BankSpec) -> pb.BankSpec:
-    s.validated()  # an unknown kind/metric/dtype or a negative quota cannot travel
+def spec_to_pb(s: api.BankSpec, check: bool = True) -> pb.BankSpec:
+    """check=False for a spec the daemon already holds (BankInfo): one that a
+    later, stricter check refuses must still be listed, not break ListBanks."""
+    if check:
+        s.validated()  # an unknown kind/metric/dtype or a negative quota cannot travel
     return pb.BankSpec(
         name=s.name, kind=_KIND.get(s.kind, pb.KIND_UNSPECIFIED), dim=s.dim,
         value_dim=s.value_dim, value_dtype=_DTYPE_NAME_TO_PB.get(s.value_dtype, 0),
@@ -39,28 +46,28 @@ def spec_from_pb(m: pb.BankSpec) -> api.BankSpec:
     d = api.BankSpec(name=m.name, dim=m.dim)
     return api.BankSpec(
         name=m.name, dim=m.dim, value_dim=m.value_dim,
-        kind=_KIND_BACK.get(m.kind, d.kind) if m.kind else d.kind,
+        kind=_KIND_BACK.get(m.kind, f"kind#{m.kind}") if m.kind else d.kind,
         value_dtype=_PB_TO_DTYPE_NAME.get(m.value_dtype, f"dtype#{m.value_dtype}")
         if m.value_dtype else d.value_dtype,
         metric=_METRIC_BACK.get(m.metric, f"metric#{m.metric}") if m.metric else d.metric,
         index=m.index or d.index, shards=m.shards or d.shards,
-        quota_bytes=None if m.quota_bytes < 0 else m.quota_bytes,
+        quota_bytes=quota_from_pb(m.quota_bytes),
         tenant=m.tenant or d.tenant, tier=m.tier or d.tier, eviction=m.eviction or d.eviction,
         key_version=m.key_version)
 
 
 def info_to_pb(i: api.BankInfo) -> pb.BankInfo:
     return pb.BankInfo(
-        spec=spec_to_pb(i.spec), count=i.count, used_bytes=i.used_bytes, frozen=i.frozen,
-        trained=i.trained, checksum=i.checksum, created_at=i.created_at,
-        updated_at=i.updated_at, tier_bytes=i.tier_bytes)
+        spec=spec_to_pb(i.spec, check=False), count=i.count, used_bytes=i.used_bytes,
+        frozen=i.frozen, trained=i.trained, checksum=i.checksum, created_at=i.created_at,
+        updated_at=i.updated_at, tier_bytes=i.tier_bytes, data_bytes=i.data_bytes)
 
 
 def info_from_pb(m: pb.BankInfo) -> api.BankInfo:
     return api.BankInfo(
         spec=spec_from_pb(m.spec), count=m.count, used_bytes=m.used_bytes, frozen=m.frozen,
         trained=m.trained, checksum=m.checksum, created_at=m.created_at,
-        updated_at=m.updated_at, tier_bytes=dict(m.tier_bytes))
+        updated_at=m.updated_at, tier_bytes=dict(m.tier_bytes), data_bytes=m.data_bytes)
 
 
 def quota_to_pb(q: int | None) -> int:
@@ -70,7 +77,13 @@ def quota_to_pb(q: int | None) -> int:
 
 
 def quota_from_pb(q: int) -> int | None:
-    return None if q < 0 else q
+    """-1 -> None (unlimited); any other negative quota is INVALID_ARGUMENT, not
+    "unlimited" (a client's arithmetic gone negative must not lift a quota)."""
+    if q == -1:
+        return None
+    if q < 0:
+        raise InvalidArgument(f"quota must be >= 0 bytes, or -1 for unlimited; got {q}")
+    return q
 
 
 def optional_from_pb(m, field: str) -> float | None:
@@ -200,3 +213,35 @@ def stats_from_pb(m: pb.StatsResponse) -> api.Stats:
         used_bytes=m.used_bytes, num_gpus=m.num_gpus,
         stacks=[stack_from_pb(u) for u in m.stacks],
         tenants=[tenant_from_pb(t) for t in m.tenants])
+
+
+# ---- acknowledgement levels (memoryd.storage.wal) --------------------------------------
+_ACKS = {pb.ACK_DEFAULT: None, pb.ACK_APPLIED: "applied", pb.ACK_DURABLE: "durable"}
+
+
+def ack_from_pb(value: int) -> str | None:
+    """The wire's Ack as the backend's ack= (None: the default); unknown: INVALID_ARGUMENT."""
+    try:
+        return _ACKS[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown ack {value}: send ACK_APPLIED or ACK_DURABLE") from None
+
+
+def ack_to_pb(ack: str | None) -> int:
+    if ack is None:
+        return pb.ACK_DEFAULT
+    for value, name in _ACKS.items():
+        if name == ack:
+            return value
+    raise InvalidArgument(f"ack must be one of applied, durable; got {ack!r}")
+
+
+# ---- snapshots and backups ----------------------------------------------------------
+def snapshot_to_pb(info: api.SnapshotInfo) -> pb.SnapshotInfo:
+    return pb.SnapshotInfo(path=info.path, bank=info.bank, count=info.count,
+                           used_bytes=info.used_bytes, checksum=info.checksum, banks=list(info.banks))
+
+
+def snapshot_from_pb(m: pb.SnapshotInfo) -> api.SnapshotInfo:
+    return api.SnapshotInfo(path=m.path, bank=m.bank, count=m.count, used_bytes=m.used_bytes,
+                            checksum=m.checksum, banks=tuple(m.banks))

@@ -66,8 +66,10 @@ class SearchCall:
     buffer: shm.ReplyBufferFile | None
 
 
-def decode_request(request: pb.SearchRequest, buffers: shm.ReplyBuffers) -> SearchCall:
-    buf = buffers.get(request.reply_buffer) if request.reply_buffer else None
+def decode_request(request: pb.SearchRequest, buffers: shm.ReplyBuffers,
+                   owner: str | None = None) -> SearchCall:
+    """owner: the caller's token (None: auth off); another's buffer is unknown."""
+    buf = buffers.get(request.reply_buffer, owner) if request.reply_buffer else None
     return SearchCall(stack=_stack(request), queries=_queries(request, buf), k=request.k,
                       values=request.values, keys=request.keys, buffer=buf)
 
@@ -79,6 +81,9 @@ def _stack(request: pb.SearchRequest) -> list[str | api.BankQuery] | api.RowStac
                                   "send only one of them")
         return row_stacks_from_pb(request.row_stacks)
     if request.stack:
+        if request.banks:
+            raise InvalidArgument("SearchRequest: stack replaces banks (a bank with options "
+                                  "per entry); send only one of them")
         return [bank_query_from_pb(q) for q in request.stack]
     return list(request.banks)
 

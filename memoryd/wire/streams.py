@@ -19,13 +19,17 @@ Get messages say at which row they start (`offset`).
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from memoryd import api
 from memoryd.errors import InvalidArgument, MemorydError
 from memoryd.wire.tensors import decode, encode, required
+
+# One client-streamed write is held whole before it is applied (all or none):
+# its total is bounded so a client cannot make the daemon hold any amount.
+MAX_STREAM_BYTES = 4 << 30
 
 DEFAULT_RECEIVE_LIMIT = 4 * 1024 * 1024     # gRPC's default max_receive_message_length
 FRAMING_BYTES = 4096                        # room left for a message's own framing
@@ -69,7 +73,7 @@ def row_chunks(arrays: dict[str, np.ndarray | None]) -> Iterator[dict[str, np.nd
 
 
 def write_stream(message_type, target: str, name: str,
-                 arrays: dict[str, np.ndarray | None]) -> Iterator:
+                 arrays: dict[str, np.ndarray | None], **header: Any) -> Iterator:
     """The client's messages of a write stream: the first names the target
     (field `target`: "bank" or "session_id"), each carries a row block.
 
@@ -77,7 +81,7 @@ def write_stream(message_type, target: str, name: str,
     raised while it iterates a request stream (the call fails as UNKNOWN), so
     a bad dtype must raise in the caller. Later blocks share its dtypes.
     """
-    messages = (message_type(**{target: name if i == 0 else ""},
+    messages = (message_type(**({target: name, **header} if i == 0 else {}),
                              **{field: encode(a, field) for field, a in block.items()})
                 for i, block in enumerate(row_chunks(arrays)))
     first = next(messages)
@@ -86,22 +90,28 @@ def write_stream(message_type, target: str, name: str,
 
 def collect(requests: Iterable, rpc: str, required_fields: tuple[str, ...],
             optional: tuple[str, ...], target: str = "bank"
-            ) -> tuple[str, dict[str, np.ndarray | None]]:
-    """The daemon's reading of a write stream: (bank, {field: all rows or None}).
+            ) -> tuple[str, dict[str, np.ndarray | None], Any]:
+    """The daemon's reading of a write stream: (bank, {field: all rows or
+    None}, the first message: its header fields, e.g. `ack`).
 
     `target` is the field that names what the stream writes to ("bank", or
     "session_id" for Append).
     """
-    bank = None
+    bank = head = None
     noun = target.removesuffix("_id")
     parts: dict[str, list[np.ndarray]] = {f: [] for f in required_fields + optional}
-    n = 0
+    n = total = 0
     for n, msg in enumerate(requests, 1):
+        total += msg.ByteSize()
+        if total > MAX_STREAM_BYTES:   # before it is all held in memory, before any quota
+            raise InvalidArgument(
+                f"{rpc}: the stream passed {MAX_STREAM_BYTES >> 30} GiB; one write is at most "
+                "that: send the rows in several calls")
         name = getattr(msg, target)
         if bank is None:
             if not name:
                 raise InvalidArgument(f"{rpc}: the first message must name the {noun}")
-            bank = name
+            bank, head = name, msg
         elif name and name != bank:
             raise InvalidArgument(
                 f"{rpc}: message {n - 1} names {noun} '{name}' but the stream "
@@ -120,7 +130,7 @@ def collect(requests: Iterable, rpc: str, required_fields: tuple[str, ...],
                 f"{rpc}: {f} present in {len(chunks)} of {n} messages; "
                 "send it in every message or in none")
         out[f] = _concat(chunks, f) if chunks else None
-    return bank, out
+    return bank, out, head
 
 
 def _concat(parts: list[np.ndarray], what: str) -> np.ndarray:
