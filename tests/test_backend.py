@@ -359,7 +359,7 @@ def test_approximate_index_recall(mem, make_bank, index, metric):
     check_result_types(res, 200, 10, value_dim=4, value_dtype="float32", dim=32)
     _, rpos, _ = topk_union([keys], q, 10, metric)
     r = recall(res.ids, ids[rpos])
-    assert r >= 0.9, f"{index} {metric}: recall@10 {r:.3f}"
+    assert r >= 0.999, f"{index} {metric}: recall@10 {r:.3f}"   # measured 1.000
     check_hits_payload(res, [(keys, vals, ids)])
     # scores are the true scores of the returned keys
     rows = rows_of(ids, res.ids)
@@ -374,7 +374,7 @@ def test_approximate_index_recall(mem, make_bank, index, metric):
     r2 = mem.search(spec.name, k2[:20], 10)
     _, rpos2, _ = topk_union([np.concatenate([keys, k2])], k2[:20], 10, metric)
     r = recall(r2.ids, np.concatenate([ids, ids2])[rpos2])
-    assert r >= 0.9, f"{index} {metric}: recall@10 after a second add {r:.3f}"
+    assert r >= 0.995, f"{index} {metric}: recall@10 after a second add {r:.3f}"
     assert set(r2.ids.ravel().tolist()) & set(ids2.tolist()), "new rows are searchable"
 
 
@@ -452,7 +452,7 @@ def test_remove_from_approximate_index(mem, make_bank, index):
     assert not set(res.ids.ravel().tolist()) & set(ids[gone].tolist())
     keep = np.setdiff1d(np.arange(800), gone)
     _, rpos, _ = topk_union([keys[keep]], keys[gone[:50]], 10, "l2")
-    assert recall(res.ids, ids[keep][rpos]) >= 0.9
+    assert recall(res.ids, ids[keep][rpos]) >= 0.998      # measured 1.000 (500 hits)
     check_hits_payload(res, [(keys, vals, ids)])
 
 

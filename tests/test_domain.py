@@ -69,8 +69,8 @@ def test_data_keys_objective_is_within_a_few_percent_of_faiss(n):
         km = faiss.Kmeans(DK, n, niter=20, spherical=True, seed=seed)
         km.train(x)
         ratios.append(sq_l2(x, keys) / sq_l2(x, km.centroids))
-    # measured here: 0.995..0.997 (n=32), 0.999..1.000 (n=64)
-    assert max(ratios) < 1.05, ratios
+    # measured here: 0.995..0.997 (n=32), 0.998..1.0004 (n=64)
+    assert max(ratios) < 1.01, ratios
 
 
 def test_data_keys_are_unit_deterministic_and_take_layer_queries():
@@ -282,8 +282,8 @@ def test_readout_values_change_outputs_less_than_zero_or_random_values(local_mem
         attn.bind(banks=["base"])
     # measured here: readout 0.68, zero 1.00, random 1.46 (256 random keys instead, which
     # the queries rarely reach: 0.28, 0.27, 0.44: readout values are no better than zeros)
-    assert change["readout"] < 0.85 * change["zero"], change
-    assert change["readout"] < 0.6 * change["random"], change
+    assert change["readout"] < 0.7 * change["zero"], change      # measured 0.681
+    assert change["readout"] < 0.5 * change["random"], change    # measured 0.465
 
 
 def test_fit_values_reaches_the_least_squares_floor_and_touches_only_its_table(mem):
@@ -314,9 +314,9 @@ def test_fit_values_reaches_the_least_squares_floor_and_touches_only_its_table(m
         floor = least_squares_floor(attn, "med", q_fit)
     # measured: fit set 0.670 -> 0.5615, the least-squares floor 0.5615; held-out inputs
     # 0.68 -> 0.585. Values cannot do better: the data keys take most of the softmax.
-    assert fit["after"] < 0.9 * fit["before"], fit
+    assert fit["after"] < 0.85 * fit["before"], fit                 # measured 0.839
     assert fit["after"] <= floor * 1.001 + 1e-4, (fit, floor)
-    assert fitted < 0.95 * readout_only, (fitted, readout_only)
+    assert fitted < 0.88 * readout_only, (fitted, readout_only)   # measured 0.862
     assert torch.equal(attn.value_table("base").weight, base0)
     assert attn.banks == ["base", "med"] and attn.value_table("base").weight.requires_grad
     with pytest.raises(ValueError, match="not in the layer's stack"):

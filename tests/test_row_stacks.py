@@ -101,7 +101,7 @@ def check(mem, d: Data, rs: RowStacks, q: np.ndarray, k: int, values=True, keys=
         ids, bank, sc, vals, kk = reference(d, stack, q[a:b], k)
         np.testing.assert_array_equal(got.bank[a:b], bank, err_msg="bank")
         np.testing.assert_array_equal(got.ids[a:b], ids, err_msg="ids")
-        np.testing.assert_allclose(got.scores[a:b], sc, rtol=1e-4, atol=1e-4, err_msg="scores")
+        np.testing.assert_allclose(got.scores[a:b], sc, rtol=2e-5, atol=2e-5, err_msg="scores")
         if values:
             np.testing.assert_array_equal(f32(got.values[a:b]), vals, err_msg="values")
         if keys:

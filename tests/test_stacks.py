@@ -56,7 +56,7 @@ def check_stack(mem, names, key_sets, id_sets, queries, k, metric, stack):
     ref_ids, ref_bank, ref_scores = stack_reference(key_sets, id_sets, queries, k, metric, stack)
     np.testing.assert_array_equal(res.bank, ref_bank, err_msg="bank")
     np.testing.assert_array_equal(res.ids, ref_ids, err_msg="ids")
-    np.testing.assert_allclose(res.scores, ref_scores, rtol=1e-4, atol=1e-4, err_msg="scores")
+    np.testing.assert_allclose(res.scores, ref_scores, rtol=1e-5, atol=1e-5, err_msg="scores")
     return res
 
 
@@ -108,7 +108,7 @@ def test_bias_lets_a_specialty_bank_win(rig, make_bank, metric):
     assert (rows >= 0).all()
     raw = scores(special[rows], q, metric)[np.arange(6), np.arange(6)]
     want = raw + bias if metric == "ip" else raw - bias
-    np.testing.assert_allclose(res_b.scores[:, 0], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(res_b.scores[:, 0], want, rtol=1e-5, atol=1e-5)
     # best first, in the metric's direction, over the shifted scores
     d = np.diff(res_b.scores, axis=1)
     assert (d >= 0).all() if metric == "l2" else (d <= 0).all()

@@ -39,7 +39,7 @@ def exact(mem, name, keys, ids, q, k):
     r = mem.search(name, q, k, values=False)
     _, pos, sc = topk_union([keys], q, k, "l2")
     np.testing.assert_array_equal(r.ids, np.where(pos >= 0, ids[np.maximum(pos, 0)], -1))
-    np.testing.assert_allclose(r.scores, sc, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(r.scores, sc, rtol=1e-5, atol=1e-5)
 
 
 def test_bank_created_on_mmap(rig, make_bank):
