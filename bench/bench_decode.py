@@ -6,8 +6,8 @@ One decode step of a KNN-attention model is one search of B * T * H queries
 step, the same queries through
 
   local      LocalMemory.search in this process
-  daemon     MemoryClient.search to `memoryd serve` (a subprocess on the
-             same data dir), unix socket, reply buffers on (the default):
+  daemon     MemoryClient.search to `memoryd serve` (a subprocess on a
+             copy of the data dir), unix socket, reply buffers on (the default):
              the unary SearchOne, as the client picks it for these replies
   stream     the same through the streaming Search (a second client told
              never to use SearchOne: the path before it)
@@ -25,6 +25,7 @@ on the same socket is the floor of any daemon call.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -41,6 +42,7 @@ from memoryd.daemon.server import spawn  # noqa: E402
 from memoryd.engine import LocalMemory  # noqa: E402
 from memoryd.storage import faiss_index as fx  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
+from _datadir import served_copy  # noqa: E402  (bench/, the script's folder)
 
 HEADS = 8
 
@@ -112,7 +114,8 @@ def main() -> None:
         print(f"building the banks in {data_dir}", file=sys.stderr)
         build(data_dir, a)
     rng = np.random.default_rng(1)
-    proc, address = spawn(data_dir)
+    copies = contextlib.ExitStack()    # the daemon's own copy: one user per data dir
+    proc, address = spawn(copies.enter_context(served_copy(data_dir)))
     try:
         with LocalMemory(data_dir) as mem, MemoryClient(address) as client, \
                 MemoryClient(address) as streaming:
@@ -149,6 +152,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+        copies.close()
         if a.data_dir is None:          # built in seconds: not worth keeping
             shutil.rmtree(data_dir, ignore_errors=True)
 

@@ -33,7 +33,7 @@ value_dim 64, k = 32, unless a table says otherwise.
    B = 1, N = 1k..64k; standard attention stops where it would pass
    --seq-limit (60) seconds.
 3. The same layer forward with memory=LocalMemory vs memory=MemoryClient to a
-   `memoryd serve` subprocess on the same data dir (unix socket): replies
+   `memoryd serve` subprocess on a copy of its data dir (unix socket): replies
    through reply buffers (shared memory, the default) and through the socket
    alone; under no_grad and with grad (key vectors for Flat banks); the bare
    search beside it.
@@ -52,6 +52,7 @@ machine); all are cached under bench/out/ (git-ignored).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import hashlib
 import json
@@ -78,6 +79,7 @@ from memoryd.engine import LocalMemory  # noqa: E402
 from memoryd.daemon.server import spawn  # noqa: E402
 from knnlayer.attention import KNNAttention  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
+from _datadir import served_copy  # noqa: E402  (bench/)
 
 HERE = Path(__file__).resolve().parent
 ROWS = 65536
@@ -395,7 +397,8 @@ def start_daemon(data_dir: Path) -> tuple[subprocess.Popen, str]:
 
 
 def part_remote(mem, data_dir: Path, a) -> list[dict]:
-    """The same layer over LocalMemory and over a daemon subprocess on the same data dir.
+    """The same layer over LocalMemory and over a daemon subprocess on a copy of its
+    data dir (`served`: a data dir has one user at a time, bench/_datadir.py).
 
     Remote twice: with reply buffers (shared memory, the default over a unix
     socket) and with every reply through the socket. The layer ratio is under
@@ -646,7 +649,7 @@ def print_tables(a, rand, text, sweep, info, seq, remote, wall) -> None:
         mb_k = nq * a.k * 4 * a.key_dim / 2**20
         print(f"\n**3. Remote vs in-process**: the same layer forward ({nq:,} queries, k = {a.k}) "
               "with memory=LocalMemory vs memory=MemoryClient to a `memoryd serve` subprocess on "
-              "the same data dir, over its unix socket: replies through reply buffers (shared "
+              "a copy of the same data dir, over its unix socket: replies through reply buffers (shared "
               "memory, the default there) and, beside it, through the socket alone "
               "(`reply_buffers=False`). Under no_grad the layer reads q.k off the returned scores "
               f"and fetches fp16 values, ids and scores ({mb_v:.0f} MiB a reply); with grad, "
@@ -928,6 +931,9 @@ def main() -> None:
     try:
         if parts & {"random", "seq", "remote"}:
             build_random(root / "random", a)        # closed: index snapshots written
+            copies = contextlib.ExitStack()          # the daemon's: copied while closed
+            served = copies.enter_context(served_copy(root / "random")) if "remote" in parts \
+                else None
             mem = LocalMemory(root / "random")
             try:
                 if "random" in parts:
@@ -935,9 +941,10 @@ def main() -> None:
                 if "seq" in parts:
                     seq = part_seq(mem, a)
                 if "remote" in parts:
-                    remote = part_remote(mem, root / "random", a)
+                    remote = part_remote(mem, served, a)
             finally:
                 mem.close()
+                copies.close()
         if "text" in parts:
             text, sweep, info = part_text(root / "text", a)
     finally:

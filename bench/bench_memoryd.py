@@ -22,6 +22,7 @@ round trip (Ping) on the same socket. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,8 @@ from memoryd.api import BankSpec  # noqa: E402
 from memoryd.engine import LocalMemory  # noqa: E402
 from memoryd.daemon.server import spawn  # noqa: E402
 from knnlayer.client import MemoryClient  # noqa: E402
-from _timing import interleaved  # noqa: E402  (bench/, the script's folder)
+from _datadir import served_copy  # noqa: E402  (bench/, the script's folder)
+from _timing import interleaved  # noqa: E402
 
 
 def clustered_unit(n: int, d: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
@@ -82,10 +84,12 @@ def main() -> None:
         build(data_dir, a)
     q = np.load(data_dir / "queries.npy")
 
-    # The daemon serves the data dir while this process opens it too, read
-    # only, so that the four paths can be timed in interleaved rounds: no
-    # path is favoured by warm caches or by a quiet moment of the machine.
-    proc, address = start_daemon(data_dir)
+    # The daemon serves a copy of the data dir (a data dir has one user at a
+    # time: bench/_datadir.py) while this process opens the data dir itself,
+    # so that the four paths can be timed in interleaved rounds: no path is
+    # favoured by warm caches or by a quiet moment of the machine.
+    copies = contextlib.ExitStack()
+    proc, address = start_daemon(copies.enter_context(served_copy(data_dir)))
     try:
         with LocalMemory(data_dir) as mem, MemoryClient(address) as client, \
                 MemoryClient(address, reply_buffers=False) as sock:
@@ -109,6 +113,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+        copies.close()
     t_faiss = times["faiss"]
     rows = [("in-process FAISS search + value gather", t_faiss, 1.0),
             ("LocalMemory.search", times["local"], times["local"] / t_faiss),

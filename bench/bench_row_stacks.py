@@ -21,6 +21,7 @@ Prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -34,7 +35,8 @@ from knnlayer.client import MemoryClient  # noqa: E402
 from memoryd.api import RowStacks, SessionSpec  # noqa: E402
 from memoryd.daemon.server import spawn  # noqa: E402
 from memoryd.engine import LocalMemory  # noqa: E402
-from _timing import interleaved  # noqa: E402  (bench/, the script's folder)
+from _datadir import served_copy  # noqa: E402  (bench/, the script's folder)
+from _timing import interleaved  # noqa: E402
 
 BASE = "base"
 CASES = (("train", 1, 64, 4), ("train", 8, 64, 4), ("train", 64, 64, 4),   # (mode, B, T, H)
@@ -84,7 +86,8 @@ def main() -> None:
     print(f"building {a.subkeys ** 2:,} product keys + sessions in {data_dir}", file=sys.stderr)
     sids = build(data_dir, a)
     rng = np.random.default_rng(1)
-    proc, address = spawn(data_dir)
+    copies = contextlib.ExitStack()    # the daemon's own copy: one user per data dir
+    proc, address = spawn(copies.enter_context(served_copy(data_dir)))
     rows = []
     try:
         with LocalMemory(data_dir, reap_interval=None) as mem, MemoryClient(address) as client:
@@ -102,6 +105,7 @@ def main() -> None:
     finally:
         proc.terminate()
         proc.wait(60)
+        copies.close()
         shutil.rmtree(data_dir, ignore_errors=True)
 
     print(f"\nbase: {a.subkeys ** 2:,} product keys ({a.dim}-d, ip, fp16 values); each of B "

@@ -1,4 +1,4 @@
-"""The crash loop (tests/crash_loop.py) in the suite: a busy daemon killed 30
+"""The crash loop (tests/crash_loop.py) in the suite: a busy daemon killed 24
 times, by SIGKILL at random moments and at the write path's fault points
 (MEMORYD_CRASH_AT), checked after each restart: every acknowledged write
 there byte for byte, every in-flight one all or nothing, no phantom or
@@ -16,7 +16,7 @@ import pytest
 
 import crash_loop
 
-KILLS = 30
+KILLS = 24
 SEED = int(os.environ.get("CRASH_LOOP_SEED", "20240601"))
 
 
