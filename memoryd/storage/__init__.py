@@ -1,9 +1,12 @@
 """Storage: one bank on disk and in memory, behind one interface (BankStore).
 
     interface.py     BankStore (what the engine may call), AddPlan
-    bank.py          Bank: N shards of FAISS index + row files
+    bank.py          Bank: N shards of FAISS index + row files, one log, checkpoints
+    wal.py           the write-ahead log of a bank: one record per write, ack levels
+    files.py         crash-safe file writes (fsync, atomic rename, folder fsync)
+    upgrade.py       opening banks written before the log
     shard.py         Shard: one shard's rows and index; searches with its payload
-    rows.py          the row files of a shard (ids, keys, values)
+    rows.py          the row files of a shard (ids, keys, values, scores)
     faiss_index.py   index construction, training, sizes (the one faiss import)
     tiers.py         where an index lives: ram, mmap, gpu
     product_keys.py  ProductKeyBank: n^2 fixed keys, exact top-k in ~sqrt(K)
