@@ -235,3 +235,53 @@ def test_acknowledged_writes_survive_a_kill(tmp_path, how):
         res = mem.promote_session(sid, "dest", min_score=4)    # the scores survived too
         np.testing.assert_array_equal(np.sort(res.source_ids), np.array(log["session_ids"])[4:])
         assert_catalog_true(mem)
+
+
+MOVE_CHILD = r'''
+import sys, json, numpy as np
+from memoryd import faults
+import memoryd.storage.bank as bank_mod
+from memoryd.api import BankSpec, SessionSpec
+from memoryd.engine import LocalMemory
+d, how = sys.argv[1], sys.argv[2]
+armed, faults._CRASH_AT = faults._CRASH_AT, None
+mem = LocalMemory(d, reap_interval=None)
+rng = np.random.default_rng(0)
+row = 8 + 4 * 8 + 4 * 4
+if how == "fifo-mmap":   # full: the add's record carries evictions, which re-lay an mmap bank
+    spec = BankSpec("target", dim=8, value_dim=4, eviction="fifo", quota_bytes=20 * row, tier="mmap")
+else:
+    spec = BankSpec("target", dim=8, value_dim=4)
+mem.create_bank(spec)
+mem.add("target", rng.standard_normal((20, 8)).astype(np.float32),
+        rng.standard_normal((20, 4)).astype(np.float32))
+sid = mem.open_session(SessionSpec(dim=8, value_dim=4, ttl_idle_s=3600)).session_id
+mem.append(sid, rng.standard_normal((5, 8)).astype(np.float32),
+           rng.standard_normal((5, 4)).astype(np.float32), scores=np.ones(5, np.float32))
+print(json.dumps({"sid": sid}), flush=True)
+if how == "log-size":
+    bank_mod.CHECKPOINT_LOG_BYTES = 0      # as if the target's log had passed 64 MiB
+faults._CRASH_AT = armed
+mem.promote_session(sid, "target", min_score=0, move=True)
+'''
+
+
+@pytest.mark.parametrize("how", ["plain", "fifo-mmap", "log-size"])
+def test_a_move_stays_whole_when_the_target_would_checkpoint_inside_its_add(tmp_path, how):
+    """Found by tests/crash_loop.py: a target that checkpointed inside the
+    promote's add emptied its log, and with it the record recovery needs to
+    finish the move, so a kill at promote:added left the rows in both banks."""
+    data_dir = tmp_path / "data"
+    env = daemon_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env["PYTHONPATH"]])
+    env["MEMORYD_CRASH_AT"] = "promote:added"
+    p = subprocess.run([sys.executable, "-c", MOVE_CHILD, str(data_dir), how], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == faults.CRASH_EXIT, p.stderr
+    sid = json.loads(p.stdout.splitlines()[0])["sid"]
+    with LocalMemory(data_dir, reap_interval=None) as mem:
+        assert mem.session_info(sid).bank.count == 0            # all five moved ...
+        keys = np.concatenate([c.keys for c in mem.export("target")])
+        assert len(keys) == (20 if how == "fifo-mmap" else 25)  # ... and in the target once
+        assert len(np.unique(keys, axis=0)) == len(keys)
+        assert_catalog_true(mem)
