@@ -240,7 +240,7 @@ def test_acknowledged_writes_survive_a_kill(tmp_path, how):
 MOVE_CHILD = r'''
 import sys, json, numpy as np
 from memoryd import faults
-import memoryd.storage.bank as bank_mod
+import memoryd.storage.wal as wal_mod
 from memoryd.api import BankSpec, SessionSpec
 from memoryd.engine import LocalMemory
 d, how = sys.argv[1], sys.argv[2]
@@ -260,7 +260,7 @@ mem.append(sid, rng.standard_normal((5, 8)).astype(np.float32),
            rng.standard_normal((5, 4)).astype(np.float32), scores=np.ones(5, np.float32))
 print(json.dumps({"sid": sid}), flush=True)
 if how == "log-size":
-    bank_mod.CHECKPOINT_LOG_BYTES = 0      # as if the target's log had passed 64 MiB
+    wal_mod.CHECKPOINT_LOG_BYTES = 0       # as if the target's log had passed 64 MiB
 faults._CRASH_AT = armed
 mem.promote_session(sid, "target", min_score=0, move=True)
 '''

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -45,15 +46,13 @@ from memoryd.storage.files import atomic_write_json, fsync_dir, write_durably
 from memoryd.storage.interface import AddPlan, BankStore
 from memoryd.storage.rows import folder_bytes
 from memoryd.storage.shard import Shard, index_row_bytes, keys_in_rows
+from memoryd.storage import wal
 from memoryd.storage.wal import ADD, LOG, MOVED, REMOVE, UPDATE, Op, WriteAheadLog, typed
 from memoryd.storage import upgrade
 
 META = "bank.json"
 TEMPLATE = "trained.faiss"
 FORMAT = 2
-# A checkpoint follows a write once the log holds this much (or a quarter of
-# the bank, whichever is more): replay on open stays short, checkpoints rare.
-CHECKPOINT_LOG_BYTES = 64 << 20
 
 
 class Bank(BankStore):
@@ -316,8 +315,7 @@ class Bank(BankStore):
             raise
         self.lsn = lsn
         relay = self.spec.tier == "mmap" and any(op.code in (UPDATE, REMOVE) for op in ops)
-        due = relay or self._checkpoint_due or self.wal.size > max(CHECKPOINT_LOG_BYTES,
-                                                                  self.nbytes() // 4)
+        due = relay or self._checkpoint_due or wal.checkpoint_due(self.wal.size, self.nbytes())
         if any(op.code == MOVED for op in ops):
             # this record must stay in the log until the source's remove is logged
             # (engine.banks.move_rows): the next write checkpoints instead
@@ -430,7 +428,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     """A snapshot's copy of a checkpoint file: a hard link where the snapshot is
     on the same file system (checkpoint files are never rewritten in place:
     only bytes past the rows a checkpoint counts are ever added), else a copy."""
-    import os
     try:
         os.link(src, dst)
     except OSError:

@@ -45,7 +45,7 @@ from memoryd.storage.faiss_index import faiss
 from memoryd.storage.interface import AddPlan, BankStore
 from memoryd.storage.files import as_bytes, atomic_write_json, fsync_dir, write_durably
 from memoryd.storage.rows import folder_bytes
-from memoryd.storage.wal import LOG, UPDATE, Op, WriteAheadLog, typed
+from memoryd.storage.wal import LOG, UPDATE, Op, WriteAheadLog, checkpoint_due, typed
 
 
 HOST_MEMORY_SHARE = 0.5   # of this host's RAM that one product-key bank may take
@@ -216,7 +216,7 @@ class ProductKeyBank(BankStore):
             rows, vals = ids[found], values[found]
             self.lsn = self.wal.append([Op(UPDATE, (rows, vals))])
             self._apply_update(rows, vals)
-            if self.wal.size > max(64 << 20, self.nbytes() // 4):
+            if checkpoint_due(self.wal.size, self.nbytes()):
                 self.checkpoint()
         return int(found.sum())
 

@@ -34,6 +34,8 @@ assert sys.byteorder == "little", "memoryd's storage format needs a little-endia
 class _Column:
     """A growable (n, width) array with amortised O(1) append."""
 
+    persist = True         # written to the shard's files (IndexKeys: not)
+
     def __init__(self, width: int, dtype: np.dtype):
         self.width, self.dtype = width, np.dtype(dtype)
         self._buf = np.empty(self._shape(0), self.dtype)
@@ -150,7 +152,7 @@ class ShardStore:
         return cols + ([("scores", self.scores)] if self.scores is not None else [])
 
     def _persisted(self) -> list[tuple[str, _Column]]:
-        return [(name, col) for name, col in self._columns() if getattr(col, "persist", True)]
+        return [(name, col) for name, col in self._columns() if col.persist]
 
     def files(self) -> list[Path]:
         """The row files of the current generation (what a snapshot copies)."""
@@ -172,7 +174,7 @@ class ShardStore:
             path = self._file(name)
             if not path.exists() and name == "scores":   # a v1 session bank: no scores yet
                 np.full(rows, np.nan, np.float32).tofile(path)
-            if not getattr(col, "persist", True):
+            if not col.persist:
                 col.read(path, rows)
                 continue
             if mapped:

@@ -54,6 +54,15 @@ OP_NAMES = {ADD: "add", UPDATE: "update", REMOVE: "remove", MOVED: "moved"}
 # move: those ids left the source bank (memoryd.engine.banks.move_rows).
 
 
+# A bank checkpoints after a write once its log holds this much, or a quarter
+# of the bank, whichever is more: replay on open stays short, checkpoints rare.
+CHECKPOINT_LOG_BYTES = 64 << 20
+
+
+def checkpoint_due(log_bytes: int, bank_bytes: int) -> bool:
+    return log_bytes > max(CHECKPOINT_LOG_BYTES, bank_bytes // 4)
+
+
 def check_ack(ack: str | None) -> str:
     """The ack level, or InvalidArgument naming the ones there are."""
     if ack is None or ack == "":
@@ -72,7 +81,7 @@ class Op:
     arrays: tuple[np.ndarray | None, ...]
 
 
-def encode(ops: Sequence[Op]) -> bytes:
+def encode(ops: Sequence[Op]) -> memoryview:
     out = io.BytesIO()
     for op in ops:
         present = [a is not None for a in op.arrays]
@@ -81,7 +90,7 @@ def encode(ops: Sequence[Op]) -> bytes:
         for a in op.arrays:
             if a is not None:
                 np.lib.format.write_array(out, np.ascontiguousarray(a), allow_pickle=False)
-    return out.getvalue()
+    return out.getbuffer()        # the record's bytes, not a copy of them
 
 
 def decode(payload: bytes) -> list[Op]:
