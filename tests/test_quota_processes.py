@@ -1,5 +1,7 @@
 """Quota races between PROCESSES: several client processes, each with its own
-MemoryClient, add to the same banks of one daemon at the same time.
+MemoryClient, add to the same banks of one daemon at the same time (on a
+SQLite catalog, and on PostgreSQL); and shard processes, each with its own
+Catalog(url, shard=i), reserve on slices of the same banks and tenant.
 
 Bank "capped" has a bank quota; bank "shared" has none but its tenant has
 one. Every worker adds batches of 1-3 rows to both, in a random order, until
@@ -8,6 +10,11 @@ While they run, this process samples the usage. Afterwards: usage never
 exceeded either quota; each bank holds exactly the acknowledged ids (no id
 twice, none lost, none extra); what the catalog charges is what the bank
 holds (and what a probe bank of as many rows costs); the quotas did bind.
+
+The shard race (test_shard_processes_racing_reserves_never_pass_a_quota):
+usage never exceeded a quota, and what the catalog charges each slice, each
+bank and the tenant is the sum of the reservations accepted (less the
+releases) of the processes.
 """
 from __future__ import annotations
 
@@ -69,12 +76,13 @@ def costs(mem, n: int) -> int:
     return used
 
 
-@pytest.fixture
-def daemon(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def daemon(request, tmp_path):
     from memoryd.daemon.server import create_server
     from memoryd.engine import LocalMemory
 
-    local = LocalMemory(tmp_path / "data", reap_interval=None)
+    url = request.getfixturevalue("pg_url") if request.param == "postgresql" else None
+    local = LocalMemory(tmp_path / "data", catalog_url=url, reap_interval=None)
     listen, short = _socket_address(tmp_path)
     server, address = create_server(local, listen)
     _start(server)
@@ -151,3 +159,133 @@ def test_client_processes_racing_adds_never_pass_a_quota(daemon, tmp_path):
     assert local.tenant_info("default").used_bytes == local.bank_info("capped").used_bytes
     with pytest.raises(errors.QuotaExceeded):                 # still full afterwards
         local.add("shared", gaussian(1, DIM, 5), gaussian(1, VDIM, 6))
+
+
+# ---- shard processes over one catalog ---------------------------------------------------
+
+SHARDS = (1, 2, 3)                  # the test process holds shard 0 (an empty slice)
+BANK_QUOTA, TENANT_QUOTA = 20_000, 30_000
+
+SHARD_WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    import numpy as np
+    from memoryd import errors
+    from memoryd.api import BankSpec
+    from memoryd.engine.catalog import Catalog
+
+    url, shard, go, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    rng = np.random.default_rng(shard)
+    c = Catalog(url, shard=shard)
+    for name, quota in (("capped", int(sys.argv[5])), ("open", None)):   # attach a slice
+        c.create_bank(BankSpec(name, dim=8, value_dim=4, tenant="acme", quota_bytes=quota),
+                      f"{name}-{shard}")
+    held = {"capped": [], "open": []}
+    accepted = {"capped": 0, "open": 0}
+    released = {"capped": 0, "open": 0}
+    refused = {"capped": 0, "open": 0}
+    while not os.path.exists(go):
+        time.sleep(0.002)
+    for _ in range(5000):
+        if min(refused.values()) >= 3:
+            break
+        bank = "capped" if rng.random() < 0.5 else "open"
+        if held[bank] and rng.random() < 0.15:              # give some back
+            n = held[bank].pop(int(rng.integers(len(held[bank]))))
+            c.release(bank, n, 1)
+            released[bank] += n
+            continue
+        n = int(rng.integers(1, 400))
+        try:
+            c.reserve(bank, n, 1)
+        except errors.QuotaExceeded:
+            refused[bank] += 1
+            continue
+        held[bank].append(n)
+        accepted[bank] += n
+    c.close()
+    with open(out, "w") as f:
+        json.dump({"accepted": accepted, "released": released, "refused": refused,
+                   "held": {b: len(v) for b, v in held.items()}}, f)
+""")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def catalog_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/catalog.db"
+    return request.getfixturevalue("pg_url")
+
+
+def test_shard_processes_racing_reserves_never_pass_a_quota(catalog_url, tmp_path):
+    from memoryd.engine.catalog import Catalog
+
+    cat = Catalog(catalog_url)                                # shard 0
+    cat.create_bank(BankSpec("capped", dim=8, value_dim=4, tenant="acme",
+                             quota_bytes=BANK_QUOTA), "capped-0")
+    cat.create_bank(BankSpec("open", dim=8, value_dim=4, tenant="acme"), "open-0")
+    cat.set_tenant_quota("acme", TENANT_QUOTA)
+
+    script, go = tmp_path / "shard_worker.py", tmp_path / "go"
+    script.write_text(SHARD_WORKER)
+    outs = {i: tmp_path / f"shard{i}.json" for i in SHARDS}
+    procs = [subprocess.Popen([sys.executable, str(script), catalog_url, str(i), str(go),
+                               str(outs[i]), str(BANK_QUOTA)],
+                              env=daemon_env(), stderr=subprocess.PIPE, text=True)
+             for i in SHARDS]
+
+    samples: list[tuple[int, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append((cat.bank("capped").used_bytes, cat.tenant("acme")["used_bytes"]))
+            time.sleep(0.002)
+
+    try:
+        deadline = time.monotonic() + 60
+        while any(len(cat.slices(b)) < 1 + len(SHARDS) for b in ("capped", "open")):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                [p.stderr.read() for p in procs if p.poll() is not None]
+            time.sleep(0.05)                                  # every slice attached
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        go.touch()                                            # all of them at once
+        try:
+            for p in procs:
+                _, err = p.communicate(timeout=120)
+                assert p.returncode == 0, err
+        finally:
+            stop.set()
+            sampler.join()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+    try:
+        reports = {i: json.loads(outs[i].read_text()) for i in SHARDS}
+        total = {}
+        for bank in ("capped", "open"):
+            slices = {s["shard"]: s for s in cat.slices(bank)}
+            assert set(slices) == {0, *SHARDS}
+            assert slices[0]["used_bytes"] == slices[0]["count"] == 0
+            for i, r in reports.items():                      # each slice: what its process kept
+                assert slices[i]["used_bytes"] == r["accepted"][bank] - r["released"][bank]
+                assert slices[i]["count"] == r["held"][bank]
+                assert r["refused"][bank] >= 3                # the quota did bind, for everyone
+            info = cat.bank(bank)
+            total[bank] = sum(r["accepted"][bank] - r["released"][bank] for r in reports.values())
+            assert info.used_bytes == total[bank]
+            assert info.count == sum(r["held"][bank] for r in reports.values())
+        assert total["capped"] <= BANK_QUOTA
+        assert cat.tenant("acme")["used_bytes"] == total["capped"] + total["open"] <= TENANT_QUOTA
+        assert len(samples) > 10
+        assert max(s[0] for s in samples) <= BANK_QUOTA
+        assert max(s[1] for s in samples) <= TENANT_QUOTA
+        room = TENANT_QUOTA - total["capped"] - total["open"]  # the tenant's exact boundary
+        with pytest.raises(errors.QuotaExceeded):
+            cat.reserve("open", room + 1, 1)
+        cat.reserve("open", room, 1)
+        assert cat.tenant("acme")["used_bytes"] == TENANT_QUOTA
+    finally:
+        cat.close()
