@@ -6,6 +6,7 @@
     files.py         crash-safe file writes (fsync, atomic rename, folder fsync)
     upgrade.py       opening banks written before the log
     shard.py         Shard: one shard's rows and index; searches with its payload
+    segments.py      growing segments: rows searched exactly until sealed in the background
     rows.py          the row files of a shard (ids, keys, values, scores)
     faiss_index.py   index construction, training, sizes (the one faiss import)
     tiers.py         where an index lives: ram, mmap, gpu

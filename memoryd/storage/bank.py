@@ -20,10 +20,16 @@ there or not there whatever the shard count.
     bank.json       {"format": 2, "seq", "lsn", "next_id", "spec", "shards": [...]}
     wal.log         records after the checkpoint
     trained.faiss   the trained empty index (IVF centroids, PQ codebooks)
-    shard-<i>/      row files and index snapshots (memoryd.storage.rows)
+    shard-<i>/      row files and index snapshots (memoryd.storage.rows), and the keys
+                    of growing rows a lent key column holds nowhere else (shard.py)
 
 Concurrency: the bank's readers/writer lock (memoryd.storage.interface),
 held by the engine around whole requests.
+
+Growing segments (memoryd.storage.segments): a write to a bank whose index
+is costly to add to only appends rows; the process's sealer adds them to
+the shards' indexes later (seal_step, taking the lock itself), and
+checkpoints record how many rows each index snapshot covers.
 """
 from __future__ import annotations
 
@@ -31,16 +37,20 @@ import hashlib
 import json
 import os
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
 from memoryd import faults
+from memoryd import telemetry
 from memoryd.api import BankSpec, ExportChunk
 from memoryd.arrays import value_dtype
 from memoryd.errors import InvalidArgument, StorageUnwritable
 from memoryd.storage import faiss_index as fx
+from memoryd.storage import segments
 from memoryd.storage.faiss_index import faiss
 from memoryd.storage.files import atomic_write_json, fsync_dir, write_durably
 from memoryd.storage.interface import AddPlan, BankStore
@@ -66,6 +76,8 @@ class Bank(BankStore):
         self.lsn = 0              # the last record applied
         self.checkpoint_lsn = 0   # the last record the files hold
         self._checkpoint_due = False
+        self.last_write = time.monotonic()   # when a write last applied (the sealer's idle clock)
+        self._closed = False      # closed or deleted: the sealer leaves it alone
 
     # ---- life cycle -----------------------------------------------------------
     def create(self) -> "Bank":
@@ -99,6 +111,7 @@ class Bank(BankStore):
         if (replayed or meta.get("format") != FORMAT) and not self.replayed_moves:
             self.checkpoint()
         upgrade.drop_v1_files(self.path)
+        self._wake_sealer()
         return self
 
     def _shard_path(self, i: int) -> Path:
@@ -112,8 +125,10 @@ class Bank(BankStore):
     def checkpoint(self, force: bool = False) -> None:
         """Every shard's files, fsync'd; then the record naming them; then an
         empty log (see the module doc). A no-op when nothing changed."""
-        if self.lsn == self.checkpoint_lsn and self.seq and not force:
+        if (self.lsn == self.checkpoint_lsn and self.seq and not force
+                and not any(s.index_moved for s in self.shards)):   # nor sealed since
             return
+        t0 = telemetry.now()
         self.seq += 1
         states = [s.write_checkpoint(self.seq) for s in self.shards]
         for s in self.shards:
@@ -124,8 +139,11 @@ class Bank(BankStore):
         for s in self.shards:
             s.after_checkpoint()
         self.wal.reset(self.lsn)
+        telemetry.checkpointed(t0)
 
     def close(self) -> None:
+        self._closed = True
+        segments.SEALER.forget(self)
         self.wal.close()
 
     def set_tier(self, tier: str) -> None:
@@ -139,6 +157,7 @@ class Bank(BankStore):
         for s, state in zip(self.shards, meta["shards"]):
             s.spec = self.spec
             s.load(state)
+        self._wake_sealer()
 
     def snapshot_to(self, dest: Path) -> None:
         self.checkpoint()
@@ -171,6 +190,8 @@ class Bank(BankStore):
         return {"data": data, "index": self.nbytes() - data}
 
     def delete_files(self) -> None:
+        self._closed = True
+        segments.SEALER.forget(self)
         self.wal.close()
         shutil.rmtree(self.path)
 
@@ -245,11 +266,13 @@ class Bank(BankStore):
         from memoryd.errors import FailedPrecondition
 
         if ids is None:
-            if self.next_id + n - 1 > np.iinfo(np.int64).max:
+            step, offset = self.id_step
+            start = self.next_id + (offset - self.next_id) % step   # first id = offset mod step
+            if start + step * (n - 1) > np.iinfo(np.int64).max:
                 raise FailedPrecondition(
                     f"bank '{self.spec.name}' has no ids left to assign: its largest id is "
                     f"{self.next_id - 1}; id space exhausted (give explicit ids <= {MAX_ID})")
-            return np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+            return np.arange(start, start + step * n, step, dtype=np.int64)
         if len(ids) != n:
             raise InvalidArgument(f"got {len(ids)} ids for {n} keys")
         if (ids < 0).any():
@@ -314,6 +337,8 @@ class Bank(BankStore):
             self.open()                    # the checkpoint plus the log without it
             raise
         self.lsn = lsn
+        self.last_write = time.monotonic()
+        self._wake_sealer()
         relay = self.spec.tier == "mmap" and any(op.code in (UPDATE, REMOVE) for op in ops)
         due = relay or self._checkpoint_due or wal.checkpoint_due(self.wal.size, self.nbytes())
         if any(op.code == MOVED for op in ops):
@@ -357,6 +382,93 @@ class Bank(BankStore):
     def sync(self, lsn: int) -> None:
         self.wal.sync(lsn)
 
+    # ---- growing segments (memoryd.storage.segments) -----------------------------------
+    def growing_rows(self) -> int:
+        """Rows not in their shard's index yet (searched exactly until sealed)."""
+        return sum(s.growing for s in self.shards)
+
+    def _wake_sealer(self) -> None:
+        if not self._closed and any(s.growing for s in self.shards):
+            segments.SEALER.wake(self)
+
+    def seal_now(self) -> int:
+        """Seal every growing row now, in this thread; the rows sealed. Takes the
+        write lock a chunk at a time, like the sealer: the caller must not hold
+        the bank's lock (tests, benches, an operator)."""
+        return self.seal_step(background=False, budget_s=float("inf"))
+
+    def seal_step(self, background: bool = True, budget_s: float = segments.STEP_S) -> int:
+        """Seal growing rows, chunk after chunk, for about budget_s seconds; the
+        rows sealed (0 also when the lock did not come free: writers go first
+        while the bank grows less than segments.high_rows())."""
+        done, idle, t0 = 0, 0, time.monotonic()
+        while self.growing_rows() and not self._closed and idle < 3:
+            n = self._seal_chunk(background)
+            if n < 0:
+                break
+            done, idle = done + n, 0 if n else idle + 1      # 0: its rows moved; try again
+            if time.monotonic() - t0 >= budget_s:
+                break
+        return done
+
+    def _seal_chunk(self, background: bool) -> int:
+        """One chunk of the shard growing most; -1 if the lock was not had."""
+        shard = max(self.shards, key=lambda s: s.growing)      # a hint: checked under the lock
+        if shard.encodes_apart:
+            with self.lock.read():
+                if self._closed or shard not in self.shards:
+                    return 0
+                job = shard.seal_prepare(segments.ENCODE_ROWS)
+            if job is None:
+                return 0
+            codes = shard.seal_encode(job)                     # off the lock: the cost
+            with self._commit_lock():
+                if self._closed or shard not in self.shards:
+                    return 0
+                return shard.seal_commit(job, codes)            # 0: rows moved meanwhile
+        if background and shard.copies:
+            with self.lock.read():
+                if self._closed or shard not in self.shards:
+                    return 0
+                job = shard.seal_copy_prepare()                # reads the index: searches go on
+            if job is None:
+                return 0
+            job.index.add_with_ids(job.keys, job.ids)          # off the lock: the cost
+            with self._commit_lock():
+                if self._closed or shard not in self.shards:
+                    return 0
+                return shard.seal_swap(job)                    # 0: rows moved meanwhile
+        with self._seal_lock(background) as held:
+            if not held:
+                return -1
+            if self._closed or shard not in self.shards:
+                return 0
+            return shard.seal_chunk()
+
+    @contextmanager
+    def _commit_lock(self):
+        """The write lock to put in what was sealed off it (a copy, ~ms): queued
+        like any writer, never given up (that would throw the work away)."""
+        with self.lock.write():
+            t = time.perf_counter()
+            yield
+        segments.HOLDS.append(time.perf_counter() - t)
+
+    @contextmanager
+    def _seal_lock(self, background: bool):
+        """The write lock for one chunk: behind writers (see segments) unless the
+        bank grew past segments.high_rows() or this is seal_now."""
+        if background and self.growing_rows() < segments.high_rows():
+            with self.lock.write_background(segments.QUIET_S, timeout=0.2) as held:
+                t = time.perf_counter()
+                yield held
+        else:
+            with self.lock.write():
+                t, held = time.perf_counter(), True
+                yield True
+        if held:
+            segments.HOLDS.append(time.perf_counter() - t)
+
     def checksum(self) -> str:
         """sha256 over every shard's rows: what a frozen bank promises to hold."""
         h = hashlib.sha256()
@@ -398,7 +510,7 @@ class Bank(BankStore):
             if not sel.any():
                 continue
             if k_out is not None:
-                k_out[sel] = s.store.keys.data[rows[sel]]
+                k_out[sel] = s.store.keys.take(rows[sel])
             if v_out is not None:
                 v_out[sel] = s.store.values.data[rows[sel]]
         shape = ids.shape
@@ -421,7 +533,7 @@ class Bank(BankStore):
                 end = min(s.store.rows, start + chunk_rows)
                 vals = s.store.values.data[start:end].copy() if s.store.values is not None else None
                 yield ExportChunk(ids=s.store.ids.data[start:end].copy(),
-                                  keys=s.store.keys.data[start:end].copy(), values=vals)
+                                  keys=np.array(s.store.keys.slice(start, end)), values=vals)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

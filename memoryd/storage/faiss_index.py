@@ -216,6 +216,25 @@ def bytes_per_vector(index: "faiss.Index", dim: int) -> int:
     return per
 
 
+def costly_add(index: "faiss.Index") -> bool:
+    """True when adding a row costs more than copying it (anything but a Flat
+    index: a graph insert, an IVF assignment, a PQ encoding): such indexes take
+    their new rows through a growing segment (memoryd.storage.segments)."""
+    return type(_inner(index)) not in (faiss.IndexFlat, faiss.IndexFlatL2, faiss.IndexFlatIP)
+
+
+# IVF indexes whose codes can be computed apart from the index (sa_encode on
+# the trained template, off the bank's lock) and appended to it after
+# (add_sa_codes, a copy into the inverted lists): results equal add_with_ids.
+# Not the fast-scan kinds (IVF..,PQ4x4fs: add_sa_codes corrupts the heap in
+# faiss 1.15), nor anything behind an IDMap or a transform (no sa_encode there).
+_ENCODED_APART = (faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer)
+
+
+def encodes_apart(index: "faiss.Index") -> bool:
+    return type(_inner(index)) in _ENCODED_APART
+
+
 def supports_remove(index: "faiss.Index") -> bool:
     return _hnsw(index) is None     # also "PCA64,HNSW32": remove_ids is not implemented
 

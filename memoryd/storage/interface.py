@@ -16,7 +16,8 @@ commit). StorageFull / StorageUnwritable mean nothing was applied.
 Locking: each bank carries a readers/writer lock (`lock`). The engine holds
 `lock.write()` around writes (from plan_add to add, with the quota
 reservation between them) and `lock.read()` around reads; the methods here
-take no lock themselves.
+take no lock themselves, but seal_now (and the background sealer of
+memoryd.storage.segments, which takes it a chunk at a time).
 """
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ class BankStore(ABC):
         self.path, self.spec = Path(path), spec
         self.lock = RWLock()
         self.frozen = False            # mirrors the catalog; set by the engine
+        # (step, offset): ids the bank assigns are = offset (mod step), so the
+        # slices of one bank on N shard processes never assign the same id
+        # (memoryd.cluster.placement); (1, 0) on a single process
+        self.id_step: tuple[int, int] = (1, 0)
         self.lsn = 0                   # the last log record applied
         # (source bank, ids) of promotes-with-move found in the log on open: the
         # engine makes sure those ids left the source (engine.banks._redo_moves)
@@ -116,6 +121,16 @@ class BankStore(ABC):
     @abstractmethod
     def split_bytes(self) -> dict[str, int]:
         """nbytes() split: {"data": ids, keys, values; "index": what the index adds}."""
+
+    # ---- growing segments (memoryd.storage.segments; none by default) ---------------
+    def growing_rows(self) -> int:
+        """Rows written but not in the bank's index yet (searched exactly meanwhile)."""
+        return 0
+
+    def seal_now(self) -> int:
+        """Put every growing row into the index now (takes the lock itself: the
+        caller must not hold it); the rows sealed."""
+        return 0
 
     # ---- writes (the caller holds lock.write()) --------------------------------------
     @abstractmethod

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -23,6 +24,7 @@ class RWLock:
         self._waiting_writers = 0
         self._waiting_readers = 0
         self._readers_turn = False
+        self._last_write = 0.0         # monotonic time a writer last let go (write_background)
 
     @contextmanager
     def read(self) -> Iterator[None]:
@@ -53,7 +55,46 @@ class RWLock:
         try:
             yield
         finally:
-            with self._cond:
-                self._writer = False
-                self._readers_turn = self._waiting_readers > 0
-                self._cond.notify_all()
+            self._release_write(time.monotonic())
+
+    def _release_write(self, now: float | None) -> None:
+        with self._cond:
+            self._writer = False
+            if now is not None:
+                self._last_write = now
+            self._readers_turn = self._waiting_readers > 0
+            self._cond.notify_all()
+
+    @contextmanager
+    def write_background(self, quiet: float, timeout: float) -> Iterator[bool]:
+        """The write lock for background work (sealing a growing segment), behind
+        every writer: taken once no writer holds or waits for it and none has let
+        go of it for `quiet` seconds, so a thread writing in a loop is not held
+        up by it. Yields True with the lock held, or False (not held) when that
+        moment did not come within `timeout`. Its own release counts as no write;
+        readers waiting then go first, as after any writer."""
+        deadline, held = time.monotonic() + timeout, False
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                busy = self._writer or self._waiting_writers
+                calm = now - self._last_write
+                if not busy and calm >= quiet:
+                    held = True
+                    break
+                if now >= deadline:
+                    break
+                self._cond.wait(deadline - now if busy else min(deadline - now, quiet - calm))
+            if held:          # now queue as a writer: new readers wait, the ones in finish
+                self._waiting_writers += 1
+                while self._writer or self._readers or self._readers_turn:
+                    self._cond.wait()
+                self._waiting_writers -= 1
+                self._writer = True
+        if not held:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._release_write(None)

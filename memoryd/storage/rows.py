@@ -66,6 +66,17 @@ class _Column:
         self._buf = np.array(rows, self.dtype)
         self.n = len(self._buf)
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows `rows` (a copy)."""
+        return self.data[rows]
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        """Rows start..end (a view where it can be)."""
+        return self.data[start:end]
+
+    def keep(self, keep: np.ndarray) -> None:
+        self.replace(self.data[keep])
+
     def read(self, path: Path, n: int) -> None:
         count = n * max(1, self.width)
         raw = np.fromfile(path, dtype=self.dtype, count=count)
@@ -80,13 +91,55 @@ class _Column:
         self.n = n
 
 
+class _Tail:
+    """Rows appended at the end and taken from the front (a growing segment's
+    keys, sealed into the index first in, first out), amortised O(1) both ways."""
+
+    def __init__(self, width: int):
+        self.width = width
+        self._buf = np.empty((0, width), np.float32)
+        self._start = self._end = 0
+
+    @property
+    def n(self) -> int:
+        return self._end - self._start
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._buf[self._start:self._end]
+
+    def append(self, rows: np.ndarray) -> None:
+        if self._end + len(rows) > len(self._buf):      # grow, dropping the taken front
+            n = self.n
+            grown = np.empty((max(n + len(rows), 2 * n, 1024), self.width), np.float32)
+            grown[:n] = self.data
+            self._buf, self._start, self._end = grown, 0, n
+        self._buf[self._end:self._end + len(rows)] = rows
+        self._end += len(rows)
+
+    def drop_front(self, n: int) -> None:
+        self._start += n
+        if self._start >= self._end:                     # all taken: free the buffer
+            self.replace(np.empty((0, self.width), np.float32))
+        elif self._start > len(self._buf) // 2:          # mostly taken: keep what is left
+            self.replace(self.data)
+
+    def replace(self, rows: np.ndarray) -> None:
+        self._buf = np.array(rows, np.float32).reshape(-1, self.width)
+        self._start, self._end = 0, len(self._buf)
+
+
 class IndexKeys:
     """The key column of a shard whose index holds the exact vectors in row
     order (HNSW over a flat storage, on the ram tier): a view of the index's
     own vectors, so each key is held once. Its file is the index snapshot:
-    nothing is written for it. Between a removal and the index rebuilt from
-    what stays (shard.Shard.remove), and on an open that must re-add rows
-    the snapshot lacks, it holds a RAM copy (`pending`) until settle()."""
+    nothing is written for it. The keys of the rows the index does not hold
+    yet (the growing segment, memoryd.storage.segments) follow in `tail`,
+    until sealing moves them into the index (sealed()); a checkpoint writes
+    them in a file of their own (shard.Shard.write_checkpoint). Between a
+    removal and the index rebuilt from what stays (shard.Shard.remove), and
+    on an open that reads a key file, it holds a RAM copy of every key
+    (`pending`) until settle() or to_tail()."""
 
     persist = False
 
@@ -94,34 +147,83 @@ class IndexKeys:
         self.width, self.dtype = dim, np.dtype(np.float32)
         self.vectors = vectors             # () -> the index's (n, dim) float32 view
         self.pending: np.ndarray | None = None
+        self.tail = _Tail(dim)             # keys of the rows after the index's
 
     @property
     def data(self) -> np.ndarray:
-        return self.pending if self.pending is not None else self.vectors()
+        """Every key in row order (a copy when some are growing)."""
+        if self.pending is not None:
+            return self.pending
+        if not self.tail.n:
+            return self.vectors()
+        return np.concatenate([self.vectors(), self.tail.data])
 
     @property
     def n(self) -> int:
-        return len(self.data)
+        return len(self.pending) if self.pending is not None else len(self.vectors()) + self.tail.n
 
     @property
     def row_bytes(self) -> int:
         return 4 * self.width
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        if self.pending is not None:
+            return self.pending[rows]
+        v = self.vectors()
+        if not self.tail.n:
+            return v[rows]
+        out = np.empty((len(rows), self.width), np.float32)
+        low = rows < len(v)
+        out[low] = v[rows[low]]
+        out[~low] = self.tail.data[rows[~low] - len(v)]
+        return out
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        if self.pending is not None:
+            return self.pending[start:end]
+        nv = len(self.vectors())
+        if start >= nv:
+            return self.tail.data[start - nv:end - nv]
+        if end <= nv:
+            return self.vectors()[start:end]
+        return self.data[start:end]
+
     def append(self, rows: np.ndarray) -> None:
-        pass                               # the index's add stores them
+        self.tail.append(rows)             # growing until sealed() into the index
+
+    def sealed(self, n: int) -> None:
+        """The index took the first n growing keys."""
+        self.tail.drop_front(n)
+
+    def keep(self, keep: np.ndarray) -> None:
+        nv = len(self.vectors()) if self.pending is None else -1
+        if nv >= 0 and keep[:nv].all():        # only growing rows leave: the index stays
+            self.tail.replace(self.tail.data[keep[nv:]])
+        else:                                  # the index must be rebuilt (or emptied)
+            self.replace(self.data[keep])
 
     def replace(self, rows: np.ndarray) -> None:
         self.pending = np.array(rows, self.dtype)
+        self.tail.replace(np.empty((0, self.width), np.float32))
 
     def read(self, path: Path, n: int) -> None:
         """Keys the snapshot may lack: from a key file if one is there (an older
         layout, or a bank that was on another tier)."""
         self.pending = None
+        self.tail.replace(np.empty((0, self.width), np.float32))
         if path.exists() and os.path.getsize(path) >= n * self.row_bytes:
             self.pending = np.fromfile(path, np.float32, count=n * self.width).reshape(n, self.width)
 
     def settle(self) -> None:
+        """The index holds every key."""
         self.pending = None
+        self.tail.replace(np.empty((0, self.width), np.float32))
+
+    def to_tail(self, start: int) -> None:
+        """The index holds the first `start` keys of `pending`; the rest grow."""
+        rows = self.pending[start:]
+        self.pending = None
+        self.tail.replace(rows)
 
 
 class ShardStore:
@@ -220,7 +322,7 @@ class ShardStore:
     def keep(self, keep: np.ndarray) -> None:
         """Keep only the rows where keep is True (in order)."""
         for _, col in self._columns():
-            col.replace(col.data[keep])
+            col.keep(keep)
         self.relaid = True
         self._resort()
 

@@ -12,7 +12,9 @@
            a clear FailedPrecondition otherwise); rows stay in RAM.
 
 Every kind offers what a Shard (memoryd.storage.shard) uses: search,
-add_with_ids and ntotal; the Shard writes snapshots from an in-RAM copy.
+add_with_ids and ntotal (ram and mmap also add_sa_codes: sealing encodes IVF
+rows apart; a GpuIndex has none, so its rows are sealed by add_with_ids);
+the Shard writes snapshots from an in-RAM copy.
 """
 from __future__ import annotations
 
@@ -50,6 +52,9 @@ class MappedIndex:
 
     def add_with_ids(self, keys: np.ndarray, ids: np.ndarray) -> None:
         self.delta.add_with_ids(keys, ids)   # the mapped snapshot cannot grow in place
+
+    def add_sa_codes(self, codes: np.ndarray, ids: np.ndarray) -> None:
+        self.delta.add_sa_codes(codes, ids)  # codes encoded apart (memoryd.storage.segments)
 
 
 class GpuIndex:

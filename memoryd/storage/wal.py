@@ -39,6 +39,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from memoryd import telemetry
 from memoryd.errors import InvalidArgument, StorageUnwritable
 
 LOG = "wal.log"
@@ -181,6 +182,7 @@ class WriteAheadLog:
             os.ftruncate(self._fd, self.size)      # no partial record stays behind
             raise StorageUnwritable.from_os_error(e, self.path) from None
         self.size += size
+        telemetry.wal_appended(size)
         self.next_lsn = lsn + 1
         with self._cond:
             self._written = lsn
@@ -206,6 +208,7 @@ class WriteAheadLog:
                 self._cond.release()
                 try:
                     os.fdatasync(self._fd)
+                    telemetry.wal_fsynced()
                 finally:
                     self._cond.acquire()
                     self._syncing = False
