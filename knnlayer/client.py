@@ -181,6 +181,22 @@ class MemoryClient:
                 raise errors.Unavailable(
                     f"no memoryd answering at {address} after {wait_ready:g} s") from None
 
+    @staticmethod
+    def sharded(addresses: Sequence[str], *, partial_results: bool = False,
+                **options: Any) -> api.MemoryBackend:
+        """One memory over shard processes (`memoryd serve --shard-index i`),
+        routed in this process: what `memoryd route` does, without its hop.
+
+            mem = MemoryClient.sharded(["10.0.0.1:7070", "10.0.0.2:7070"], token=t)
+
+        options go to each shard's MemoryClient (timeout, token, tls, ...);
+        see memoryd.cluster.sharded for placement and the failure policy."""
+        from memoryd.cluster import ShardedMemory
+
+        options.setdefault("wait_ready", 0)      # a shard that is down fails only what needs it
+        clients = [MemoryClient(a, **options) for a in addresses]
+        return ShardedMemory(clients, names=list(addresses), partial_results=partial_results)
+
     # -- lifecycle
     def close(self) -> None:
         if self._buffers is not None:
@@ -199,7 +215,10 @@ class MemoryClient:
     def _opts(self, caller: Caller | None = None) -> dict[str, Any]:
         """Keyword arguments of every call: the timeout and who is calling."""
         name = self.client_name if caller is None else _client_name(caller.name)
-        return {"timeout": self.timeout, "metadata": ((CLIENT_METADATA, name), *self._auth)}
+        auth = self._auth
+        if caller is not None and caller.credential:   # a router forwarding its caller's token
+            auth = _auth_metadata(caller.credential)
+        return {"timeout": self.timeout, "metadata": ((CLIENT_METADATA, name), *auth)}
 
     @_mapped
     def ping(self, payload: bytes = b"") -> bytes:

@@ -304,6 +304,9 @@ class SearchResult:
     bank: np.ndarray                   # (nq, k) int32, index into the banks searched
     values: np.ndarray | None = None   # (nq, k, value_dim), zeros where missing
     keys: np.ndarray | None = None     # (nq, k, dim) float32, zeros where missing
+    # shards (of a sharded backend that allows partial results) that did not
+    # answer: the results are the best k of the others'; () = complete
+    missing_shards: tuple[int, ...] = ()
 
     @property
     def mask(self) -> np.ndarray:      # (nq, k) bool, True where a result exists
@@ -353,6 +356,10 @@ class Caller:
     tenant: str | None = None          # the one tenant it acts within; None: every tenant
     rights: frozenset = ROLES["admin"]  # of RIGHTS
     token_id: str | None = None        # the token it came with (owns its reply buffers)
+    # the bearer token exactly as the call carried it, kept where no token is
+    # checked (auth off): a router (memoryd.cluster) forwards it to its shards,
+    # which check it; never shown, never logged
+    credential: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

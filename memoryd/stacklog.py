@@ -1,4 +1,5 @@
-"""Which bank stacks clients search: a small in-memory log for `memctl status`."""
+"""Which bank stacks clients search: a small in-memory log for `memctl status`
+(kept by each LocalMemory, and by a ShardedMemory for the whole stacks it routes)."""
 from __future__ import annotations
 
 import threading
@@ -23,6 +24,13 @@ class StackLog:
             self._uses[key] = use
             while len(self._uses) > MAX_STACKS:
                 del self._uses[next(iter(self._uses))]
+
+    def forget(self, bank: str) -> None:
+        """Drop the stacks that name a deleted bank: a bank made again under
+        its name is another bank, with no history."""
+        with self._lock:
+            for key in [k for k in self._uses if bank in k[1]]:
+                del self._uses[key]
 
     def snapshot(self) -> list[StackUse]:
         with self._lock:

@@ -19,6 +19,7 @@ import pytest
 from memoryd.api import BankSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `import reference`
+from pg_util import pg_url  # noqa: E402,F401  (fixture: a fresh PostgreSQL database)
 
 _names = itertools.count()
 _run = f"{os.getpid() % 100000}"
@@ -73,10 +74,57 @@ def local_mem(tmp_path):
         backend.close()
 
 
-@pytest.fixture(params=["local", "daemon"])
+# The spine runs against a real local cluster too (tests/cluster_util.py: two
+# `memoryd serve --shard-index i` processes on one PostgreSQL catalog behind a
+# `memoryd route`): its "cluster" cases are kept in these modules only.
+CLUSTER_SUITES = {"test_backend.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    def params(item):
+        return getattr(getattr(item, "callspec", None), "params", {})
+
+    items[:] = [i for i in items
+                if (params(i).get("mem") != "cluster" or i.path.name in CLUSTER_SUITES)
+                and (params(i).get("rig") != "sharded" or i.path.name in SHARDED_RIG_SUITES)]
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory):
+    """One cluster for the session (starting one takes seconds): 2 shards + router."""
+    from cluster_util import LocalCluster
+    from pg_util import fresh_database
+
+    with fresh_database() as url:
+        with LocalCluster(tmp_path_factory.mktemp("cluster"), url, shards=2) as c:
+            yield c
+
+
+def _emptied(client) -> None:
+    """What a test left in the shared cluster, gone: the next starts empty."""
+    for s in client.list_sessions():
+        client.close_session(s.session_id)
+    for b in client.list_banks():
+        client.delete_bank(b.name)
+
+
+@pytest.fixture(params=["local", "daemon", "cluster"])
 def mem(request, tmp_path):
     from memoryd.engine import LocalMemory
 
+    if request.param == "cluster":
+        from knnlayer.client import MemoryClient
+
+        cluster = request.getfixturevalue("local_cluster")
+        client = MemoryClient(cluster.address)
+        try:
+            yield client
+        finally:
+            try:
+                _emptied(client)
+            finally:
+                client.close()
+        return
     backend = LocalMemory(tmp_path / "data")
     if request.param == "local":
         try:
@@ -147,7 +195,13 @@ class Rig:
     def start(self) -> None:
         from memoryd.engine import LocalMemory
 
-        self.local = LocalMemory(self.data_dir, clock=self.clock, reap_interval=None)
+        if self.kind == "sharded":     # 2 shards on one catalog, the router in this process
+            self.local = _ShardedRig([
+                LocalMemory(self.data_dir / f"shard{i}", f"sqlite:///{self.data_dir}/catalog.db",
+                            clock=self.clock, reap_interval=None, placement=_placement(i, 2))
+                for i in range(2)])
+        else:
+            self.local = LocalMemory(self.data_dir, clock=self.clock, reap_interval=None)
         if self.kind == "local":
             self.mem = self.local
             return
@@ -165,7 +219,7 @@ class Rig:
     def connect(self, client_name: str | None = None):
         from knnlayer.client import MemoryClient
 
-        assert self.kind == "daemon", "connect() is for the daemon rig"
+        assert self.kind != "local", "connect() is for the daemon rigs"
         client = MemoryClient(self.address, client_name=client_name)
         self._clients.append(client)
         return client
@@ -198,8 +252,34 @@ def clock():
     return FakeClock()
 
 
-@pytest.fixture(params=["local", "daemon"])
+def _placement(i: int, n: int):
+    from memoryd.cluster import Placement
+
+    return Placement(i, n)
+
+
+def _ShardedRig(shards):
+    """A ShardedMemory with what tests ask of a LocalMemory: reap_expired (all shards)."""
+    from memoryd.cluster import ShardedMemory
+
+    class ShardedRig(ShardedMemory):
+        def reap_expired(self) -> int:
+            return sum(s.reap_expired() for s in self.shards)
+
+    return ShardedRig(shards)
+
+
+# The session life cycle runs against a sharded memory too ("sharded": two
+# LocalMemory shards on one catalog behind a ShardedMemory, served over gRPC,
+# on the fake clock): its cases are kept in these modules only.
+SHARDED_RIG_SUITES = {"test_sessions.py", "test_row_stacks.py", "test_stacks.py",
+                      "test_tenants.py"}
+
+
+@pytest.fixture(params=["local", "daemon", "sharded"])
 def rig(request, tmp_path, clock):
+    if request.param == "sharded" and request.node.path.name not in SHARDED_RIG_SUITES:
+        pytest.skip("sharded rig: see SHARDED_RIG_SUITES")
     r = Rig(request.param, tmp_path, clock)
     try:
         yield r

@@ -12,10 +12,21 @@ from test_cli import Mem, rand, save  # noqa: F401 - also its autouse env cleane
 from test_cli import _clean_env  # noqa: F401
 
 
-@pytest.fixture(params=["embedded", "daemon"])
+@pytest.fixture(params=["embedded", "daemon", "cluster"])
 def cli(request, tmp_path):
     if request.param == "embedded":
         yield Mem(["--data-dir", str(tmp_path / "data")])
+        return
+    if request.param == "cluster":   # the session's local cluster (conftest): shards + router
+        from conftest import _emptied
+        from knnlayer.client import MemoryClient
+
+        cluster = request.getfixturevalue("local_cluster")
+        try:
+            yield Mem(["--address", cluster.address])
+        finally:
+            with MemoryClient(cluster.address) as client:
+                _emptied(client)
         return
     import memoryd.daemon.server as server_mod
     from memoryd.engine import LocalMemory

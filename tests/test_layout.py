@@ -27,10 +27,12 @@ LAYERS = {
     "storage": {CORE},
     "wire": {CORE},
     "auth": {CORE},                   # token format, rights rules, token checks
-    "engine": {CORE, "storage", "auth"},
-    "daemon": {CORE, "wire", "engine", "auth"},
-    "knnlayer": {CORE, "wire"},
-    "memctl": {CORE, "wire", "engine", "knnlayer", "auth"},
+    "cluster": {CORE},                # placement, exact merge, ShardedMemory over backends
+    "engine": {CORE, "storage", "auth", "cluster"},   # a shard's placement
+    # the router (daemon/router.py) dials its shards with the gRPC client
+    "daemon": {CORE, "wire", "engine", "auth", "cluster", "knnlayer"},
+    "knnlayer": {CORE, "wire", "cluster"},            # MemoryClient.sharded
+    "memctl": {CORE, "wire", "engine", "knnlayer", "auth", "cluster"},
     "tools": {CORE},
 }
 
@@ -39,7 +41,7 @@ def layer_of(module: str) -> str:
     parts = module.split(".")
     if parts[0] in ("knnlayer", "memctl"):
         return parts[0]
-    if len(parts) > 1 and parts[1] in ("storage", "wire", "engine", "daemon", "auth"):
+    if len(parts) > 1 and parts[1] in ("storage", "wire", "engine", "daemon", "auth", "cluster"):
         return parts[1]
     if module == "memoryd.protogen":
         return "tools"
@@ -80,14 +82,15 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_the_layers_are_folders(graph):
-    for folder in ("storage", "engine", "wire", "daemon", "auth"):
+    for folder in ("storage", "engine", "wire", "daemon", "auth", "cluster"):
         assert f"memoryd.{folder}" in graph
     assert "memctl.cli" in graph and (ROOT / "cli" / "memctl" / "cli.py").exists()
     top = sorted(m for m in graph if m.count(".") == 1 and m.startswith("memoryd.")
                  and layer_of(m) == CORE)
     assert top == ["memoryd.api", "memoryd.arrays", "memoryd.errors",
-                   "memoryd.faults", "memoryd.keyspace", "memoryd.sizes", "memoryd.topk",
-                   "memoryd.v1"]
+                   "memoryd.faults", "memoryd.keyspace", "memoryd.sizes", "memoryd.stacklog",
+                   "memoryd.telemetry",
+                   "memoryd.topk", "memoryd.v1"]
 
 
 def test_no_upward_arrows(graph):

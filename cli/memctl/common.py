@@ -199,6 +199,9 @@ def resolve_target(ctx: click.Context, address: str | None,
         return "address", _normalise_address(address)
     if data_dir:
         return "data_dir", data_dir
+    catalog_url = settings.get("catalog_url", (None, _UNSET))[0]
+    if catalog_url and _token_command(ctx):   # a cluster's catalog: tokens only
+        return "catalog", catalog_url
     if DEFAULT_SOCKET.exists():
         return "address", "unix://" + str(DEFAULT_SOCKET.resolve())
     raise click.ClickException("no daemon address: pass --address or --data-dir "
@@ -220,9 +223,18 @@ def open_backend(target: tuple[str, str], catalog_url: str | None, timeout: floa
         if timeout is not None:  # also bounds the wait for the daemon to answer
             return MemoryClient(where, timeout=timeout, wait_ready=timeout, **security)
         return MemoryClient(where, **security)
+    if kind == "catalog":
+        from memoryd.engine.tokens import CatalogTokens
+
+        return CatalogTokens(where)
     from memoryd.engine import LocalMemory
 
     return LocalMemory(where, catalog_url=catalog_url)
+
+
+def _token_command(ctx: click.Context) -> bool:
+    """True inside `memctl token ...`, the one group that runs on a catalog alone."""
+    return ctx.parent is not None and ctx.parent.info_name == "token"
 
 
 def describe_target(target: tuple[str, str]) -> str:
@@ -245,7 +257,8 @@ def backend_options(envvars: bool = True) -> list:
                           "daemon" + env_note("env MEMORYD_DATA_DIR")),
         click.option("--catalog-url", envvar=env("MEMORYD_CATALOG_URL"), metavar="URL",
                      help="SQLAlchemy URL of the catalog, with --data-dir "
-                          "[default: SQLite in the data dir]"),
+                          "[default: SQLite in the data dir]; alone, for `token` "
+                          "commands on a cluster's catalog"),
         click.option("--timeout", type=float, envvar=env("MEMCTL_TIMEOUT"), metavar="SECONDS",
                      help="per-call deadline when talking to a daemon"),
         click.option("--token", envvar=env(TOKEN_ENV), metavar="TOKEN",

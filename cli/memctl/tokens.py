@@ -22,6 +22,7 @@ def token():
     \b
     Example:
         memctl --data-dir ./mem token create --admin --name ops
+        memctl --catalog-url postgresql+psycopg://memoryd@db/memoryd token create --admin
         memctl token create --tenant acme --name trainer
         memctl token list
     """

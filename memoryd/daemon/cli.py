@@ -59,6 +59,16 @@ def main() -> None:
 @click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
 @click.option("--tls-client-ca", type=click.Path(dir_okay=False),
               help="Mutual TLS: accept only clients whose certificate this CA (PEM) signed.")
+@click.option("--metrics-listen", metavar="HOST:PORT",
+              help="Serve Prometheus metrics over HTTP here (':9464': every interface; "
+                   "port 0: any free one, logged as 'metrics'). [default: off; env "
+                   "MEMORYD_METRICS_LISTEN]")
+@click.option("--shard-index", type=click.IntRange(min=0),
+              help="This process's shard of a cluster, 0..N-1 (a StatefulSet's pod "
+                   "ordinal). [default 0; env MEMORYD_SHARD_INDEX]")
+@click.option("--num-shards", type=click.IntRange(min=1),
+              help="Shard processes in the cluster, all on one --catalog-url; `memoryd "
+                   "route` joins them. [default 1: alone; env MEMORYD_NUM_SHARDS]")
 def serve(config_file, **flags) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C.
 
@@ -73,6 +83,8 @@ def serve(config_file, **flags) -> None:
       memoryd serve --data-dir ./mem --auth --socket-group memoryd
       memoryd serve --data-dir ./mem --auth --listen 0.0.0.0:7443 \\
           --tls-cert server.pem --tls-key server.key --tls-client-ca ca.pem
+      memoryd serve --data-dir ./shard1 --listen 127.0.0.1:7071 --shard-index 1 \\
+          --num-shards 4 --catalog-url postgresql+psycopg://memoryd@db/memoryd
     """
     # A daemon shares its host's cores with the models it serves: FAISS's
     # OpenMP threads must sleep between searches, not spin (libgomp's default
@@ -87,6 +99,74 @@ def serve(config_file, **flags) -> None:
     except cfg.ConfigError as e:
         raise click.UsageError(str(e)) from None
     sys.exit(run(conf))
+
+
+@main.command()
+@click.option("--shards", envvar="MEMORYD_SHARDS", required=True, metavar="ADDR,ADDR,...",
+              help="The shard processes' addresses, shard 0 first (`memoryd serve "
+                   "--shard-index i`). [env MEMORYD_SHARDS]")
+@click.option("--listen", envvar="MEMORYD_LISTEN", default="127.0.0.1:7070", show_default=True,
+              help="'host:port' or 'unix:///abs/path.sock' that models connect to.")
+@click.option("--partial-results/--no-partial-results", default=False, show_default=True,
+              help="Let searches answer without shards that are down (the reply lists them); "
+                   "off: such a search is UNAVAILABLE.")
+@click.option("--shard-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds each call to a shard may take before it counts as unavailable.")
+@click.option("--shard-tls-ca", type=click.Path(dir_okay=False),
+              help="Dial the shards with TLS, trusting this CA (PEM).")
+@click.option("--shard-tls-cert", type=click.Path(dir_okay=False),
+              help="Client certificate (PEM) for shards that ask for mutual TLS.")
+@click.option("--shard-tls-key", type=click.Path(dir_okay=False), help="Its key (PEM).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False),
+              help="Serve TLS with this certificate chain (PEM); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key (PEM).")
+@click.option("--tls-client-ca", type=click.Path(dir_okay=False),
+              help="Mutual TLS: accept only clients whose certificate this CA signed.")
+@click.option("--metrics-listen", envvar="MEMORYD_METRICS_LISTEN", metavar="HOST:PORT",
+              help="Serve Prometheus metrics (RPCs, fan-out per shard) here. [default: off]")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
+              envvar="MEMORYD_LOG_LEVEL", default="info", show_default=True)
+@click.option("--grace", "grace_s", type=click.FloatRange(min=0), default=GRACE_S,
+              show_default=True, help="Seconds in-flight calls may finish after SIGTERM.")
+@click.option("--max-workers", type=click.IntRange(min=1), default=MAX_WORKERS,
+              show_default=True, help="RPC worker threads.")
+def route(shards, listen, partial_results, shard_timeout, shard_tls_ca, shard_tls_cert,
+          shard_tls_key, tls_cert, tls_key, tls_client_ca, metrics_listen, log_level, grace_s,
+          max_workers) -> None:
+    """Run a router: one memory over shard processes, for models to connect to.
+
+    It keeps no data: rows go to shard (id mod N), sessions to one shard each,
+    searches to every shard holding a bank of the stack, merged exactly.
+    Tokens pass through to the shards, which check them.
+
+    \b
+    Example:
+      memoryd route --shards 127.0.0.1:7071,127.0.0.1:7072 --listen 127.0.0.1:7070
+      MEMORYD_SHARDS=memoryd-shard-0.memoryd-shards:7070,memoryd-shard-1.memoryd-shards:7070 \\
+          memoryd route --listen 0.0.0.0:7070 --shard-tls-ca /tls/ca.pem --metrics-listen :9464
+    """
+    from memoryd.daemon import config as cfg
+    from memoryd.daemon.router import RouteConfig
+    from memoryd.daemon.router import route as run
+    from memoryd.errors import InvalidArgument
+    from memoryd.wire.tls import ClientTLS, ServerTLS
+
+    addresses = tuple(a.strip() for a in shards.split(",") if a.strip())
+    if not addresses:
+        raise click.UsageError("--shards needs at least one address")
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("TLS needs both --tls-cert and --tls-key")
+    try:
+        shard_tls = (ClientTLS(ca=shard_tls_ca, cert=shard_tls_cert, key=shard_tls_key)
+                     if shard_tls_ca or shard_tls_cert or shard_tls_key else None)
+        tls = ServerTLS(tls_cert, tls_key, tls_client_ca) if tls_cert else None
+        metrics_at = cfg._metrics_listen(metrics_listen)
+    except (InvalidArgument, cfg.ConfigError) as e:
+        raise click.UsageError(str(e)) from None
+    sys.exit(run(RouteConfig(listen=listen, shards=addresses, partial_results=partial_results,
+                             shard_timeout_s=shard_timeout, shard_tls=shard_tls, tls=tls,
+                             metrics_listen=metrics_at, log_level=log_level, grace_s=grace_s,
+                             max_workers=max_workers)))
 
 
 @main.command()

@@ -2,7 +2,7 @@
 
 Precedence, lowest first: built-in defaults < TOML file (`--config PATH`)
 < environment (MEMORYD_DATA_DIR, MEMORYD_LISTEN, MEMORYD_CATALOG_URL,
-MEMORYD_LOG_LEVEL) < command-line flags.
+MEMORYD_LOG_LEVEL, MEMORYD_METRICS_LISTEN) < command-line flags.
 
 A TOML file holds the same keys as Config, at top level:
 
@@ -20,6 +20,8 @@ A TOML file holds the same keys as Config, at top level:
     tls_cert = "/etc/memoryd/server.pem" # TLS on a TCP listen address, with tls_key
     tls_key = "/etc/memoryd/server.key"
     tls_client_ca = "/etc/memoryd/ca.pem"   # mutual TLS: clients need a cert this CA signed
+    metrics_listen = "127.0.0.1:9464"    # Prometheus /metrics (default off; env
+                                         # MEMORYD_METRICS_LISTEN; memoryd.daemon.metrics)
 
 `listen` defaults to the unix socket `<data_dir>/memoryd.sock`; `catalog_url`
 defaults to None, which LocalMemory turns into `sqlite:///<data_dir>/catalog.db`.
@@ -42,7 +44,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_WORKERS = 16             # RPC worker threads
 GRACE_S = 20.0               # how long in-flight calls may finish on shutdown
 ENV = {"data_dir": "MEMORYD_DATA_DIR", "listen": "MEMORYD_LISTEN",
-       "catalog_url": "MEMORYD_CATALOG_URL", "log_level": "MEMORYD_LOG_LEVEL"}
+       "catalog_url": "MEMORYD_CATALOG_URL", "log_level": "MEMORYD_LOG_LEVEL",
+       "metrics_listen": "MEMORYD_METRICS_LISTEN", "shard_index": "MEMORYD_SHARD_INDEX",
+       "num_shards": "MEMORYD_NUM_SHARDS"}
 SOCKET_NAME = "memoryd.sock"
 UNIX_PATH_MAX = 107          # sun_path is 108 bytes on Linux, with the NUL
 
@@ -67,6 +71,9 @@ class Config:
     tls_cert: Path | None = None      # TLS (TCP only): certificate chain and key, PEM
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # mutual TLS: the CA client certs must chain to
+    metrics_listen: str | None = None  # "HOST:PORT" of Prometheus metrics (port 0: any); None: off
+    shard_index: int = 0              # this process's shard of a cluster (memoryd.cluster) ...
+    num_shards: int = 1               # ... of this many; 1: alone
 
     @property
     def socket_path(self) -> Path | None:
@@ -146,7 +153,33 @@ def _typed(raw: dict[str, Any]) -> Config:
         max_workers=_number(raw, "max_workers", MAX_WORKERS, int, 1),
         log_level=log_level, grace_s=_number(raw, "grace_s", GRACE_S, float, 0),
         shm_dir=Path(str(shm_dir)).expanduser() if shm_dir else None,
-        shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", DEFAULT_TOTAL_BYTES, int, 0))
+        shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", DEFAULT_TOTAL_BYTES, int, 0),
+        metrics_listen=_metrics_listen(raw.get("metrics_listen")),
+        **_shard(raw))
+
+
+def _shard(raw: dict[str, Any]) -> dict[str, int]:
+    """shard_index of num_shards; a cluster's shards share one catalog, so a
+    shard must be given its URL (the default SQLite file is its data dir's alone)."""
+    count = _number(raw, "num_shards", 1, int, 1)
+    index = _number(raw, "shard_index", 0, int, 0)
+    if index >= count:
+        raise ConfigError(f"shard_index must be below num_shards ({count}); got {index}")
+    if count > 1 and not raw.get("catalog_url"):
+        raise ConfigError("a shard of a cluster (num_shards > 1) needs the catalog all shards "
+                          "share: give --catalog-url (e.g. postgresql+psycopg://...)")
+    return {"shard_index": index, "num_shards": count}
+
+
+def _metrics_listen(value: Any) -> str | None:
+    """'HOST:PORT' of the metrics endpoint, or None (unset, "" or "off")."""
+    if value is None or str(value).strip().lower() in ("", "off"):
+        return None
+    host, sep, port = str(value).strip().rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"metrics_listen must be HOST:PORT (e.g. 127.0.0.1:9464, :9464 for "
+                          f"every interface, port 0 for any free one); got {value!r}")
+    return str(value).strip()
 
 
 def _security(raw: dict[str, Any], unix: bool) -> dict[str, Any]:

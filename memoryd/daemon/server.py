@@ -39,6 +39,7 @@ import time
 import weakref
 from concurrent import futures
 from pathlib import Path
+from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -110,7 +111,9 @@ def create_server(backend: MemoryBackend, listen: str, *, max_workers: int = MAX
                   health_servicer: health.HealthServicer | None = None,
                   buffers: shm.ReplyBuffers | None = None, auth: Authenticator | None = None,
                   tls: ServerTLS | None = None, socket_mode: int = 0o600,
-                  socket_group: str | None = None) -> tuple[grpc.Server, str]:
+                  socket_group: str | None = None,
+                  interceptors: Sequence[grpc.ServerInterceptor] = ()
+                  ) -> tuple[grpc.Server, str]:
     """Start memoryd.v1.Memory (+ health, reflection) on listen; (server, address).
 
     buffers: the reply buffers (shared memory for same-host clients); default
@@ -118,10 +121,12 @@ def create_server(backend: MemoryBackend, listen: str, *, max_workers: int = MAX
     object is collected or the process exits; serve() closes them at stop.
     auth: check tokens (None: off); tls: serve TLS (mutual with a client CA);
     socket_mode/socket_group: of a unix socket (see _bind).
+    interceptors: grpc.ServerInterceptors, outermost first (e.g.
+    memoryd.daemon.metrics.metrics_interceptor).
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="memoryd-rpc"),
-        options=SERVER_OPTIONS)
+        options=SERVER_OPTIONS, interceptors=list(interceptors) or None)
     if buffers is None:
         buffers = shm.ReplyBuffers(shm.default_dir(), file_mode=buffer_mode(socket_mode))
         weakref.finalize(server, buffers.close_all)
@@ -233,6 +238,7 @@ def serve(config: Config) -> int:
 def _run(config: Config) -> int:
     from memoryd.engine import LocalMemory   # imported late: faiss, sqlalchemy
     from memoryd.engine.datadir import DataDirInUse
+    from memoryd.cluster.placement import Placement
 
     stop = threading.Event()
     seen: list[int] = []
@@ -251,7 +257,8 @@ def _run(config: Config) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         try:
-            backend = LocalMemory(config.data_dir, config.catalog_url)   # the data dir's lock
+            backend = LocalMemory(config.data_dir, config.catalog_url,   # the data dir's lock
+                                  placement=Placement(config.shard_index, config.num_shards))
         except DataDirInUse as e:
             raise StartupError(f"another memoryd (pid {e.pid}) is already serving data dir "
                                f"{e.data_dir} (or memctl --data-dir / a LocalMemory has it "
@@ -266,15 +273,19 @@ def _run(config: Config) -> int:
         buffers = shm.ReplyBuffers(config.shm_dir or shm.default_dir(),
                                    total_bytes=config.shm_bytes,
                                    file_mode=buffer_mode(config.socket_mode))
+        stop_metrics = lambda: None    # noqa: E731 - until --metrics-listen serves
         try:
             gate = ShutdownGate(backend)   # what the servicer calls (see _shutdown)
+            stop_metrics, metrics_at, interceptors = _start_metrics(config, backend)
             server, address = create_server(gate, config.listen,
                                             max_workers=config.max_workers,
                                             health_servicer=health_servicer, buffers=buffers,
                                             auth=_authenticator(config, backend),
                                             tls=config.tls, socket_mode=config.socket_mode,
-                                            socket_group=config.socket_group)
+                                            socket_group=config.socket_group,
+                                            interceptors=interceptors)
         except BaseException:
+            stop_metrics()
             backend.close()
             raise
         live["server"], live["gate"] = server, gate
@@ -286,16 +297,38 @@ def _run(config: Config) -> int:
             # PASSIVE (storage.faiss_index sets it around `import faiss`)
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "PASSIVE",
             "reply_buffers": str(buffers.directory) if buffers.enabled else "off",
-            "auth": "on" if config.auth else "off", "tls": _tls_mode(config)}})
+            "auth": "on" if config.auth else "off", "tls": _tls_mode(config),
+            "metrics": metrics_at or "off",
+            "shard": f"{config.shard_index}/{config.num_shards}"}})
         while not stop.wait(1.0):
             pass
         log.info("memoryd stopping", extra={"fields": {
             "signal": signal.Signals(seen[0]).name, "grace_s": config.grace_s}})
         health_servicer.enter_graceful_shutdown()
-        return _shutdown(config, server, buffers, backend, gate)
+        try:
+            return _shutdown(config, server, buffers, backend, gate)
+        finally:
+            stop_metrics()
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _start_metrics(config: Config, backend: MemoryBackend):
+    """--metrics-listen (memoryd.daemon.metrics): (stop, the bound 'host:port',
+    the server's interceptors); when off: (a no-op, None, [])."""
+    if config.metrics_listen is None:
+        return (lambda: None), None, []
+    from memoryd.daemon import metrics
+
+    registry = metrics.new_registry()
+    interceptors = [metrics.metrics_interceptor(registry)]
+    try:
+        stop, where = metrics.start_metrics(config.metrics_listen, backend, registry=registry)
+    except OSError as e:
+        raise StartupError(f"cannot serve metrics on {config.metrics_listen}: "
+                           f"{e.strerror or e}") from None
+    return stop, where, interceptors
 
 
 def _authenticator(config: Config, backend) -> Authenticator | None:

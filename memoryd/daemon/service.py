@@ -145,8 +145,8 @@ class MemoryServicer(pb_grpc.MemoryServicer):
         auth on, what its token allows (Unauthenticated without a valid one)."""
         metadata = tuple(context.invocation_metadata() or ())
         name = _client_name(metadata) or context.peer()
-        if self.auth is None:
-            return Caller(name)
+        if self.auth is None:   # the token, if any, travels on (a router's shards check it)
+            return Caller(name, credential=_bearer(metadata) or None)
         return self.auth.caller(_bearer(metadata), name)
 
     # admin plane

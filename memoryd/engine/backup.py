@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 import memoryd
 from memoryd.api import BankInfo, BankSpec
 from memoryd.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from memoryd.storage import new_bank
 from memoryd.storage.files import atomic_write_json
 
 if TYPE_CHECKING:
@@ -104,7 +103,7 @@ def restore_bank(engine: "BankEngine", src: str | Path, name: str | None = None)
         engine.catalog.create_bank(spec, storage)                       # AlreadyExists
         try:
             shutil.copytree(src / "bank", path)
-            bank = new_bank(path, spec).open()
+            bank = engine.new_bank(path, spec).open()
             if bank.checksum() != manifest["checksum"]:
                 raise FailedPrecondition(f"the snapshot in {src} does not match its checksum: "
                                          "its files are damaged")

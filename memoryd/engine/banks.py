@@ -31,9 +31,11 @@ from memoryd.engine.catalog import Catalog
 from memoryd.engine.row_search import plan_rows, search_rows
 from memoryd.engine.searching import StackEntry, search_stack
 from memoryd import faults
+from memoryd import telemetry
 from memoryd.errors import (BankFrozen, FailedPrecondition, InvalidArgument, MemorydError, NotFound,
                             QuotaExceeded, StorageUnwritable)
 from memoryd.sizes import describe_size
+from memoryd.cluster.placement import Placement
 from memoryd.storage import AddPlan, BankStore, new_bank
 from memoryd.storage import faiss_index as fx
 from memoryd.storage.wal import check_ack
@@ -46,8 +48,11 @@ class BankEngine:
     """Banks by name over one catalog. Thread-safe: an admin lock guards the
     set of banks, each bank's own readers/writer lock its contents."""
 
-    def __init__(self, data_dir: Path, catalog: Catalog, *, search_threads: int = SEARCH_THREADS):
-        self.data_dir, self.catalog = data_dir, catalog
+    def __init__(self, data_dir: Path, catalog: Catalog, *, search_threads: int = SEARCH_THREADS,
+                 placement: Placement = Placement()):
+        """placement: this process's shard of a cluster (memoryd.cluster.placement):
+        it holds only its slices of the catalog's banks, and assigns ids = index mod count."""
+        self.data_dir, self.catalog, self.placement = data_dir, catalog, placement
         (data_dir / "banks").mkdir(parents=True, exist_ok=True)
         self._banks: dict[str, BankStore] = {}
         self._admin = threading.Lock()   # guards the _banks dict, not bank contents
@@ -58,12 +63,14 @@ class BankEngine:
     def _open_all(self) -> None:
         storages = self.catalog.storages()
         for info in self.catalog.list_banks():
+            if info.name not in storages:      # a bank whose slices are on other shards only
+                continue
             spec = info.spec
             if spec.tier == "gpu" and fx.num_gpus() == 0:  # e.g. a data dir moved to a CPU host
                 log.warning("bank %s: tier gpu but this host has no GPU; opening it in ram", info.name)
                 spec = spec.with_(tier="ram")
                 self.catalog.update_bank(info.name, tier="ram")
-            bank = new_bank(self._bank_path(storages[info.name]), spec).open()
+            bank = self.new_bank(self._bank_path(storages[info.name]), spec).open()
             bank.frozen = info.frozen
             self._banks[info.name] = bank
         self._redo_moves()
@@ -102,6 +109,12 @@ class BankEngine:
                 bank.close()
         self._pool.shutdown(wait=True)
 
+    def new_bank(self, path: Path, spec: BankSpec) -> BankStore:
+        """The storage object of a bank (memoryd.storage.new_bank) with this shard's ids."""
+        bank = new_bank(path, spec)
+        bank.id_step = self.placement.id_step
+        return bank
+
     def _bank_path(self, storage: str) -> Path:
         return self.data_dir / "banks" / storage
 
@@ -117,7 +130,7 @@ class BankEngine:
         spec.validated()
         with self._admin:
             storage = f"{spec.name}-{uuid.uuid4().hex[:12]}"
-            bank = new_bank(self._bank_path(storage), spec)   # InvalidArgument on a bad spec
+            bank = self.new_bank(self._bank_path(storage), spec)   # InvalidArgument: bad spec
             self.catalog.create_bank(spec, storage)            # AlreadyExists
             try:
                 if bank.count:  # born full (product keys): its bytes must fit the quotas first
@@ -187,13 +200,16 @@ class BankEngine:
         quota_bytes = api.check_quota(quota_bytes)
         b = self.bank(name)
         with b.lock.write():
-            used = b.nbytes()
+            # alone, the bank's own bytes; in a cluster, all its slices' (the catalog)
+            used = b.nbytes() if self.placement.count == 1 else self.catalog.bank(name).used_bytes
             if quota_bytes is not None and used > quota_bytes:
                 if b.spec.eviction != "fifo":
                     raise FailedPrecondition(
                         f"bank '{name}' uses {describe_size(used)}: a quota of "
                         f"{describe_size(quota_bytes)} is below that; remove memories first "
                         "(or use eviction=fifo)")
+                # this slice's oldest rows, until the bank fits or the slice is empty (a
+                # router asks the shards in turn: the next one evicts what is left)
                 self._evict_oldest(b, used - quota_bytes)
             return self.catalog.set_quota(name, quota_bytes)
 
@@ -202,6 +218,7 @@ class BankEngine:
         before = b.nbytes()
         removed = b.remove(b.oldest_ids(nbytes))
         self.catalog.release(b.spec.name, before - b.nbytes(), removed, op="evict")
+        telemetry.evicted(b.spec, removed)
         return removed
 
     # ---- writes ------------------------------------------------------------------
@@ -277,6 +294,7 @@ class BankEngine:
         plan.evict = b.oldest_ids(room, plan.row_bytes)
         cost, items = b.add_cost(plan), items - len(plan.evict)
         self.catalog.reserve(b.spec.name, cost, items, op="add+evict")
+        telemetry.evicted(b.spec, len(plan.evict))
         return cost, items
 
     @staticmethod

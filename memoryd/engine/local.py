@@ -6,7 +6,7 @@ It composes the layers below it and adds nothing but their wiring:
 
     BankEngine       banks and the catalog (memoryd.engine.banks)
     SessionManager   sessions, built on the engine (memoryd.engine.sessions)
-    StackLog         who searched which stack (memoryd.engine.stacks)
+    StackLog         who searched which stack (memoryd.stacklog)
 
 Each request that names banks to read or write checks them first (an
 expired session's bank is NOT_FOUND, bank by bank in the order named); one
@@ -35,13 +35,14 @@ from memoryd.api import (BankInfo, BankQuery, BankSpec, Caller, CreatedToken, Ex
                          GetResult, PromoteResult, RowStacks, SearchResult, SessionInfo,
                          SessionSpec, SnapshotInfo, Stats, TenantInfo, TokenInfo)
 from memoryd.auth import rights
+from memoryd.cluster.placement import Placement
 from memoryd.engine import backup
 from memoryd.engine.catalog import Catalog
 from memoryd.engine.banks import SEARCH_THREADS, BankEngine
 from memoryd.engine.sessions import SessionManager
-from memoryd.engine.stacks import StackLog
+from memoryd.stacklog import StackLog
 from memoryd.engine.tokens import TokenStore
-from memoryd.errors import InvalidArgument, PermissionDenied
+from memoryd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from memoryd.storage import faiss_index as fx
 
 log = logging.getLogger("memoryd")
@@ -53,10 +54,11 @@ class LocalMemory:
 
     def __init__(self, data_dir: str | Path, catalog_url: str | None = None, *,
                  search_threads: int = SEARCH_THREADS, clock: Callable[[], float] = time.time,
-                 reap_interval: float | None = 1.0):
+                 reap_interval: float | None = 1.0, placement: Placement | None = None):
         """clock: seconds, for session expiry (tests inject one); reap_interval:
         how often a background thread deletes expired sessions (None: never,
-        call reap_expired() yourself).
+        call reap_expired() yourself); placement: this process's shard of a
+        cluster (memoryd.cluster), whose catalog_url all shards share (None: alone).
 
         The data dir is this object's alone until close(): a second LocalMemory
         or a daemon on it (memoryd.engine.datadir) raises DataDirInUse, a
@@ -72,9 +74,15 @@ class LocalMemory:
         self._closed = False
         try:
             self.catalog_url = catalog_url or f"sqlite:///{self.data_dir / 'catalog.db'}"
-            self.catalog = Catalog(self.catalog_url)
+            self.placement = (placement or Placement()).validated()
+            if self.placement.count > 1 and catalog_url is None:
+                raise InvalidArgument("a shard of a cluster needs the cluster's shared catalog: "
+                                      "give its catalog URL")
+            self.catalog = Catalog(self.catalog_url, shard=self.placement.index)
+            _check_cluster(self.catalog, self.placement)
             self._started = time.time()
-            self.engine = BankEngine(self.data_dir, self.catalog, search_threads=search_threads)
+            self.engine = BankEngine(self.data_dir, self.catalog, search_threads=search_threads,
+                                     placement=self.placement)
             self.sessions = SessionManager(self.engine, self.catalog, clock)
             self.sessions.load()
             self.stacks = StackLog()
@@ -144,7 +152,9 @@ class LocalMemory:
 
     def delete_bank(self, name: str, *, caller: Caller | None = None) -> int:
         self.guard.bank(caller, name, "write", "delete_bank")
-        return self.engine.delete_bank(self._visible(name))
+        released = self.engine.delete_bank(self._visible(name))
+        self.stacks.forget(name)
+        return released
 
     def freeze_bank(self, name: str, *, caller: Caller | None = None) -> BankInfo:
         self.guard.bank(caller, name, "write", "freeze_bank")
@@ -329,6 +339,27 @@ class LocalMemory:
     def revoke_token(self, token_id: str, *, caller: Caller | None = None) -> TokenInfo:
         rights.need(caller, "admin", "revoke_token")
         return self.tokens.revoke(token_id)
+
+
+def _check_cluster(catalog: Catalog, placement: Placement) -> None:
+    """FailedPrecondition (the catalog closed) when the catalog holds slices of
+    shards this process does not count: a cluster's catalog opened alone (its
+    banks would look like this process's, with the wrong ids) or with too few
+    shards."""
+    import sqlalchemy as sa
+
+    from memoryd.engine.schema import bank_slices
+
+    with catalog.engine.connect() as c:
+        top = c.execute(sa.select(sa.func.max(bank_slices.c.shard))).scalar()
+    if top is not None and top >= placement.count:
+        catalog.close()
+        raise FailedPrecondition(
+            f"the catalog {_redact(catalog.url)} holds banks of a cluster of at least "
+            f"{top + 1} shards (this process counts {placement.count}): open it as one "
+            "of its shards (memoryd serve --shard-index I --num-shards N), reach the "
+            "cluster through `memoryd route`, or make tokens with `memctl --catalog-url "
+            "URL token ...`")
 
 
 def _redact(url: str) -> str:

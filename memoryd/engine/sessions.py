@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import threading
-import uuid
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -49,9 +48,10 @@ class SessionManager:
         Only banks named like session ids count: a session-kind bank made
         with create_bank is the caller's own and is left alone.
         """
+        here = set(self.catalog.storages())      # this shard's slices (all banks, alone)
         banks = {b.name for b in self.catalog.list_banks()
-                 if b.spec.kind == "session" and SESSION_ID.match(b.name)}
-        for row in self.catalog.all_sessions():
+                 if b.spec.kind == "session" and SESSION_ID.match(b.name) and b.name in here}
+        for row in self.catalog.all_sessions(shard=self.catalog.shard):
             if row["id"] in banks:
                 self._rows[row["id"]] = row
             else:
@@ -62,7 +62,7 @@ class SessionManager:
     # ---- life cycle ----------------------------------------------------------------
     def open(self, spec: SessionSpec) -> SessionInfo:
         spec.validated()
-        sid = f"s-{uuid.uuid4().hex[:16]}"
+        sid = self.engine.placement.new_session_id()   # = this shard (mod N): routers find it
         self.engine.create_bank(spec.bank_spec(sid))
         now = self.clock()
         self.catalog.add_session(sid, spec.tenant, api.check_ttl(spec.ttl_idle_s, "ttl_idle_s"),

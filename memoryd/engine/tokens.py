@@ -1,4 +1,4 @@
-"""TokenStore: the catalog's `tokens` table (memoryd.engine.catalog), behind
+"""TokenStore: the catalog's `tokens` table (memoryd.engine.schema), behind
 the token rules of memoryd.auth.tokens. Only SHA-256(secret) is written.
 """
 from __future__ import annotations
@@ -9,7 +9,8 @@ import sqlalchemy as sa
 
 from memoryd.api import CreatedToken, TokenInfo
 from memoryd.auth.tokens import check_role, digest, info, new_token
-from memoryd.engine.catalog import Catalog, tokens
+from memoryd.engine.catalog import Catalog
+from memoryd.engine.schema import tokens
 from memoryd.errors import InvalidArgument, NotFound
 
 
@@ -63,3 +64,27 @@ class TokenStore:
             return c.execute(sa.select(tokens.c.id).where(
                 tokens.c.role == "admin", tokens.c.revoked_at.is_(None)).limit(1)).first() \
                 is not None
+
+
+class CatalogTokens:
+    """The token plane over a catalog alone, no data dir: how the first admin
+    token of a cluster is made (`memctl --catalog-url URL token create --admin`),
+    where no one process owns the catalog and a LocalMemory would take one
+    shard's place. The owner of the catalog has every right."""
+
+    def __init__(self, url: str):
+        self.catalog = Catalog(url)
+        self.tokens = TokenStore(self.catalog)
+
+    def create_token(self, tenant: str | None = None, role: str = "write", name: str = "", *,
+                     caller=None) -> CreatedToken:
+        return self.tokens.create(tenant, role, name)
+
+    def list_tokens(self, tenant: str | None = None, *, caller=None) -> list[TokenInfo]:
+        return self.tokens.list(tenant)
+
+    def revoke_token(self, token_id: str, *, caller=None) -> TokenInfo:
+        return self.tokens.revoke(token_id)
+
+    def close(self) -> None:
+        self.catalog.close()

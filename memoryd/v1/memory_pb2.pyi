@@ -231,20 +231,22 @@ class SearchRequest(_message.Message):
     def __init__(self, banks: _Optional[_Iterable[str]] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., values: _Optional[bool] = ..., keys: _Optional[bool] = ..., stack: _Optional[_Iterable[_Union[BankQuery, _Mapping]]] = ..., reply_buffer: _Optional[str] = ..., row_stacks: _Optional[_Iterable[_Union[RowStack, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("offset", "ids", "scores", "bank", "values", "keys")
+    __slots__ = ("offset", "ids", "scores", "bank", "values", "keys", "missing_shards")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     BANK_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_SHARDS_FIELD_NUMBER: _ClassVar[int]
     offset: int
     ids: Tensor
     scores: Tensor
     bank: Tensor
     values: Tensor
     keys: Tensor
-    def __init__(self, offset: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., bank: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    missing_shards: Tensor
+    def __init__(self, offset: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., bank: _Optional[_Union[Tensor, _Mapping]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., missing_shards: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("bank", "ids", "values", "keys")

@@ -26,7 +26,13 @@ CHANNEL_OPTIONS = [
 # decode-sized search on 2 busy cores, and more at p99. The option is gRPC
 # Python's own (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream);
 # a call's reply must then be read by one thread at a time, as ours are.
-CLIENT_OPTIONS = [*CHANNEL_OPTIONS, ("SingleThreadedUnaryStream", 1)]
+# A daemon that restarts (a shard after a crash) is dialled again within 1 s:
+# gRPC's default reconnect backoff grows to 120 s, so a client (a router) would
+# keep failing fast long after the daemon is back.
+CLIENT_OPTIONS = [*CHANNEL_OPTIONS, ("SingleThreadedUnaryStream", 1),
+                  ("grpc.initial_reconnect_backoff_ms", 100),
+                  ("grpc.min_reconnect_backoff_ms", 100),
+                  ("grpc.max_reconnect_backoff_ms", 1000)]
 # gRPC sets SO_REUSEPORT by default, which lets a second daemon bind the same
 # TCP port silently; a busy port must be an error instead.
 SERVER_OPTIONS = [*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)]

@@ -106,13 +106,14 @@ def _queries(request: pb.SearchRequest, buf: shm.ReplyBufferFile | None) -> np.n
 def encode_reply(r: api.SearchResult, buf: shm.ReplyBufferFile | None) -> Iterator[bytes]:
     """Search's serialised messages: one placed in buf when it fits, else a stream."""
     arrays = _arrays(r)
-    placed = _placed(arrays, buf)
+    placed = _placed(arrays, buf, r)
     if placed is not None:
         yield placed
         return
     for s in streams.chunk_slices(len(r.ids), streams.row_bytes(*arrays.values())):
         yield fastwire.encode(pb.SearchResponse, offset=s.start,
-                              **{f: None if a is None else a[s] for f, a in arrays.items()})
+                              **{f: None if a is None else a[s] for f, a in arrays.items()},
+                              missing_shards=_missing(r) if s.start == 0 else None)
 
 
 def encode_one(r: api.SearchResult, buf: shm.ReplyBufferFile | None) -> bytes:
@@ -120,7 +121,7 @@ def encode_one(r: api.SearchResult, buf: shm.ReplyBufferFile | None) -> bytes:
     inline within one stream piece (so a default 4 MiB receive limit reads
     it); ReplyTooLarge when neither (the client then calls Search)."""
     arrays = _arrays(r)
-    placed = _placed(arrays, buf)
+    placed = _placed(arrays, buf, r)
     if placed is not None:
         return placed
     size = sum(a.nbytes for a in arrays.values() if a is not None)
@@ -129,21 +130,28 @@ def encode_one(r: api.SearchResult, buf: shm.ReplyBufferFile | None) -> bytes:
         raise errors.ReplyTooLarge(
             f"SearchOne: the reply's {size} bytes of arrays fit neither {where}one message "
             f"({streams.CHUNK_BYTES} bytes); make the same request as Search (streamed)")
-    return fastwire.encode(pb.SearchResponse, offset=0, **arrays)
+    return fastwire.encode(pb.SearchResponse, offset=0, **arrays, missing_shards=_missing(r))
 
 
 def _arrays(r: api.SearchResult) -> dict[str, np.ndarray | None]:
     return {f: getattr(r, f) for f in FIELDS}
 
 
-def _placed(arrays: dict[str, np.ndarray | None], buf: shm.ReplyBufferFile | None) -> bytes | None:
+def _missing(r: api.SearchResult) -> np.ndarray | None:
+    """The shards a partial answer lacks, as the first message carries them (None: complete)."""
+    return np.asarray(r.missing_shards, np.int32) if r.missing_shards else None
+
+
+def _placed(arrays: dict[str, np.ndarray | None], buf: shm.ReplyBufferFile | None,
+            r: api.SearchResult) -> bytes | None:
     """The one message of a reply written into buf; None without a buffer or
     when it is too small (then the reply goes inline, and the client grows it)."""
     if buf is None:
         return None
     with buf.lock:
         placed = buf.place(arrays)
-    return None if placed is None else fastwire.encode(pb.SearchResponse, offset=0, **placed)
+    return None if placed is None else fastwire.encode(pb.SearchResponse, offset=0, **placed,
+                                                       missing_shards=_missing(r))
 
 
 # ---- client side ----------------------------------------------------------------------
@@ -281,8 +289,11 @@ def _once(rpc, req: pb.SearchRequest, queries: np.ndarray,
     else:
         req.queries.CopyFrom(encode(queries, "queries"))
     blocks: dict[str, list] = {f: [] for f in FIELDS}
+    missing: tuple[int, ...] = ()
     for msg in rpc(req):
         streams.check_offset(msg.get("offset", 0), blocks["ids"], "Search")
+        if isinstance(msg.get("missing_shards"), np.ndarray):
+            missing = tuple(int(q) for q in msg["missing_shards"])
         for f in blocks:
             if f in msg:
                 blocks[f].append(msg[f])
@@ -295,4 +306,5 @@ def _once(rpc, req: pb.SearchRequest, queries: np.ndarray,
     opt = {f: streams.joined(blocks[f]) if blocks[f] else None for f in ("values", "keys")}
     return api.SearchResult(ids=streams.joined(blocks["ids"]),
                             scores=streams.joined(blocks["scores"]),
-                            bank=streams.joined(blocks["bank"]), **opt)
+                            bank=streams.joined(blocks["bank"]), **opt,
+                            missing_shards=missing)
