@@ -211,14 +211,18 @@ class ShardedMemory(FanOut):
         got = self._fan(calls)
         fails = {q: r for q, r in got.items() if isinstance(r, Exception)}
         if fails:
-            undone = [q for q, r in got.items() if not isinstance(r, Exception)]
-            for q in undone:       # all or nothing: take back what landed
+            undone, kept = [], []
+            for q in sorted(q for q in got if q not in fails):   # all or nothing: take back
                 try:
                     self._one(q, "remove", bank, got[q], caller=caller)
-                except Exception:  # noqa: BLE001 - report the first failure, below
-                    pass
-            raise_first(fails, note=f" (rows added on shards {undone} were removed again)"
-                         if undone else "")
+                    undone.append(q)
+                except Exception:  # noqa: BLE001 - said in the error raised below
+                    kept.append(q)
+            note = f" (rows added on shards {undone} were removed again)" if undone else ""
+            if kept:
+                note += (f" (rows added on shards {kept} could not be removed again: they "
+                         "stay, with the ids those shards gave them)")
+            raise_first(fails, note=note)
         out = np.empty(len(keys), np.int64)
         for q, rows in parts:
             out[rows] = got[q]

@@ -160,7 +160,7 @@ def route(shards, listen, partial_results, shard_timeout, shard_tls_ca, shard_tl
         shard_tls = (ClientTLS(ca=shard_tls_ca, cert=shard_tls_cert, key=shard_tls_key)
                      if shard_tls_ca or shard_tls_cert or shard_tls_key else None)
         tls = ServerTLS(tls_cert, tls_key, tls_client_ca) if tls_cert else None
-        metrics_at = cfg._metrics_listen(metrics_listen)
+        metrics_at = cfg.parse_metrics_listen(metrics_listen)
     except (InvalidArgument, cfg.ConfigError) as e:
         raise click.UsageError(str(e)) from None
     sys.exit(run(RouteConfig(listen=listen, shards=addresses, partial_results=partial_results,

@@ -154,7 +154,7 @@ def _typed(raw: dict[str, Any]) -> Config:
         log_level=log_level, grace_s=_number(raw, "grace_s", GRACE_S, float, 0),
         shm_dir=Path(str(shm_dir)).expanduser() if shm_dir else None,
         shm_bytes=_number({"shm_bytes": shm_bytes}, "shm_bytes", DEFAULT_TOTAL_BYTES, int, 0),
-        metrics_listen=_metrics_listen(raw.get("metrics_listen")),
+        metrics_listen=parse_metrics_listen(raw.get("metrics_listen")),
         **_shard(raw))
 
 
@@ -171,7 +171,7 @@ def _shard(raw: dict[str, Any]) -> dict[str, int]:
     return {"shard_index": index, "num_shards": count}
 
 
-def _metrics_listen(value: Any) -> str | None:
+def parse_metrics_listen(value: Any) -> str | None:
     """'HOST:PORT' of the metrics endpoint, or None (unset, "" or "off")."""
     if value is None or str(value).strip().lower() in ("", "off"):
         return None
