@@ -33,7 +33,10 @@ The client names itself to the daemon (metadata `x-memoryd-client`, default
 
 Security: `token=` (an API token, `memctl token create`) goes with every call
 as `authorization: Bearer <token>`, required by a daemon run with --auth; a
-caller= never changes the token, so it names but never elevates. `tls=`
+caller= names someone else but keeps the client's token, except a caller that
+carries its own (`Caller.credential`: a router forwarding the token its caller
+sent, which the shards then check), so it never elevates past what the caller
+itself holds. `tls=`
 (a ClientTLS: the CA, and a client cert for mutual TLS) dials TCP with TLS.
 """
 from __future__ import annotations
