@@ -31,6 +31,20 @@ def clean_env() -> dict[str, str]:
     return env
 
 
+def run_sh(script: str, cwd: Path, timeout: float) -> tuple[int, str]:
+    """(exit code, output) of a README shell block run in bash -eu -o pipefail;
+    whatever it left running (a daemon started with &) is killed with it."""
+    proc = subprocess.Popen(["bash", "-eu", "-o", "pipefail", "-c", script], cwd=cwd,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
 def test_cli_tour_runs_as_written(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "examples" / "tour_files.py")], cwd=tmp_path,
                    check=True, capture_output=True)
@@ -96,15 +110,8 @@ def test_cluster_section_runs_as_written(tmp_path):
     for port in ("7070", "7071", "7072", "9464"):
         assert f"127.0.0.1:{port}" in script
         script = script.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free()}")
-    proc = subprocess.Popen(["bash", "-eu", "-o", "pipefail", "-c", script], cwd=tmp_path,
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-4000:]
+    rc, out = run_sh(script, tmp_path, timeout=180)
+    assert rc == 0, out[-4000:]
     for needle in ("rows per shard: [5000, 5000]", "found themselves: True",
                    "same answer in-process: True", "memoryd_fanout_requests_total{"):
         assert needle in out, (needle, out[-4000:])

@@ -192,17 +192,10 @@ def test_the_daemon_with_auth_and_mutual_tls_and_memctl(tmp_path, pki):
 
 
 def test_the_readme_secure_setup_runs_as_written(tmp_path):
-    from test_readme import block, clean_env
+    from test_readme import block, run_sh
 
     script = block("Secure setup", "sh").replace("7443", str(_free_port()))
-    proc = subprocess.Popen(["bash", "-eu", "-o", "pipefail", "-c", script], cwd=tmp_path,
-                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, out[-4000:]
+    rc, out = run_sh(script, tmp_path, timeout=240)
+    assert rc == 0, out[-4000:]
     for needle in ("SERVING", "refused: read-only", "['notes']", '"memoryd stopped"'):
         assert needle in out, (needle, out[-4000:])

@@ -80,5 +80,5 @@ def spread(n: int, count: int, start: int, min_rows: int) -> list[tuple[int, sli
     parts = max(1, min(count, -(-n // max(1, min_rows))))
     bounds = np.linspace(0, n, parts + 1).round().astype(int)
     return [((start + j) % count, slice(int(bounds[j]), int(bounds[j + 1])))
-            for j in range(parts) if bounds[j + 1] > bounds[j] or n == 0]
+            for j in range(parts) if bounds[j + 1] > bounds[j]]
 
